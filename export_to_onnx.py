@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Export a NeMo CTC model to the service's model package (offline step; needs NeMo).
+
+Input: a ``.nemo`` file, or a NeMo pretrained name (e.g. ``stt_hi_conformer_ctc_medium``) on a
+host with network access. Output, under the project root (or the directories you name):
+
+    models/<name>/model.onnx   NeMo's own ONNX export (encoder + CTC decoder, log-softmax output),
+                               with metadata for sherpa-onnx and onnx-asr
+    models/<name>/model.json   every parameter the runtime needs, read from the model itself
+    tokens/<name>.txt          token map: one "piece id" line per token, then "<blk> V"
+    tokens/<name>.model        the SentencePiece model, for exact detokenization (BPE models)
+
+Supported: EncDecCTCModel, EncDecCTCModelBPE, and hybrid RNNT/CTC models through their CTC head.
+Run it in its own virtual environment (requirements-export.txt); the service never imports NeMo.
+
+Examples:
+    python export_to_onnx.py my_model.nemo --name en_small --language en
+    python export_to_onnx.py stt_hi_conformer_ctc_medium --language hi     # needs network
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+FORMAT_VERSION = 1
+# Token used in the map for SentencePiece's word-boundary marker and for a literal space in
+# character vocabularies (a token map line is "piece id", so a piece cannot be a bare space).
+SPACE_PIECE = "\u2581"
+
+
+class ExportError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.endswith(".nemo") or os.sep in source or source.startswith(".")
+
+
+def load_model(source: str) -> Any:
+    """Restore a NeMo ASR model from a .nemo file or a pretrained name, with clear errors."""
+    path = Path(source)
+    if path.exists() or _looks_like_path(source):
+        if not path.is_file():
+            raise ExportError(f"{source}: no such file")
+        if not tarfile.is_tarfile(path):
+            raise ExportError(
+                f"{source}: not a .nemo archive (a .nemo file is a tar archive holding "
+                "model_config.yaml and model_weights.ckpt)"
+            )
+        from nemo.collections.asr.models import ASRModel
+
+        try:
+            return ASRModel.restore_from(str(path), map_location="cpu")
+        except Exception as e:  # NeMo raises many types here; the user needs the message.
+            raise ExportError(f"{source}: NeMo could not restore this archive: {e}") from e
+
+    from nemo.collections.asr.models import ASRModel
+
+    try:
+        return ASRModel.from_pretrained(source, map_location="cpu")
+    except Exception as e:
+        raise ExportError(
+            f"could not fetch the pretrained model '{source}': {type(e).__name__}: {e}\n"
+            "This host may have no network access. Download the .nemo file on a machine that "
+            "has (for example from NGC or Hugging Face), copy it here, and pass its path: "
+            f"python export_to_onnx.py /path/to/{source}.nemo"
+        ) from e
+
+
+def ctc_parts(model: Any) -> tuple[Any, str]:
+    """Return (ctc decoder module, model type) or raise if the model has no CTC head."""
+    cls = type(model).__name__
+    if hasattr(model, "ctc_decoder") and hasattr(model, "change_decoding_strategy"):
+        # Hybrid RNNT/CTC: switch inference and export to the CTC head.
+        model.change_decoding_strategy(decoder_type="ctc", verbose=False)
+        model.set_export_config({"decoder_type": "ctc"})
+        return model.ctc_decoder, cls
+    from nemo.collections.asr.models import EncDecCTCModel
+
+    if isinstance(model, EncDecCTCModel):
+        return model.decoder, cls
+    raise ExportError(
+        f"{cls} is not a CTC model. This exporter handles EncDecCTCModel, EncDecCTCModelBPE and "
+        "hybrid RNNT/CTC models (exported through their CTC head)."
+    )
+
+
+def feature_params(model: Any, framing: str) -> dict[str, Any]:
+    """Read the preprocessor's parameters from the model (not from defaults typed here)."""
+    from nemo.collections.asr.parts.preprocessing.features import FilterbankFeatures
+
+    pre = model.preprocessor
+    fb = getattr(pre, "featurizer", None)
+    if not isinstance(fb, FilterbankFeatures):
+        raise ExportError(
+            f"unsupported preprocessor {type(pre).__name__}/{type(fb).__name__}: the runtime "
+            "implements AudioToMelSpectrogramPreprocessor (FilterbankFeatures) only"
+        )
+    if fb.frame_splicing != 1:
+        raise ExportError(f"frame_splicing={fb.frame_splicing} is not supported by the runtime")
+    cfg = model.cfg.preprocessor
+    normalize = fb.normalize
+    if normalize not in ("per_feature", "all_features", None, "", "none"):
+        raise ExportError(f"normalize={normalize!r} is not supported by the runtime")
+    guard = fb.log_zero_guard_value
+    if isinstance(guard, str):
+        import torch
+
+        guard = float(getattr(torch.finfo(torch.float32), guard))
+    window = str(cfg.get("window", "hann"))
+    if window not in ("hann", "hamming", "blackman", "bartlett", "none"):
+        raise ExportError(f"window={window!r} is not supported by the runtime")
+    sr = int(fb.sample_rate)
+    highfreq = cfg.get("highfreq", None)
+    return {
+        "sample_rate": sr,
+        "window_size_s": float(cfg.get("window_size", fb.win_length / sr)),
+        "window_stride_s": float(cfg.get("window_stride", fb.hop_length / sr)),
+        "win_length": int(fb.win_length),
+        "hop_length": int(fb.hop_length),
+        "n_fft": int(fb.n_fft),
+        "window": window,
+        "n_mels": int(fb.nfilt),
+        "lowfreq": float(cfg.get("lowfreq", 0.0) or 0.0),
+        "highfreq": float(highfreq) if highfreq else sr / 2.0,
+        "mel_norm": cfg.get("mel_norm", "slaney"),
+        "preemph": float(fb.preemph) if fb.preemph is not None else None,
+        "mag_power": float(fb.mag_power),
+        "log": bool(fb.log),
+        "log_zero_guard_type": str(fb.log_zero_guard_type),
+        "log_zero_guard_value": float(guard),
+        "normalize": normalize if normalize not in ("", "none") else None,
+        "pad_value": float(fb.pad_value),
+        "exact_pad": bool(fb.exact_pad),
+        "framing": framing,
+    }
+
+
+def nemo_framing() -> str:
+    """The STFT framing convention of the installed NeMo.
+
+    NeMo >= 2.5 zero-pads the STFT, masks pre-emphasis past the length and counts L // hop
+    frames ("zero_pad"); earlier versions reflect-pad and count L // hop + 1 ("reflect_pad").
+    """
+    import nemo
+
+    major, minor = (int(x) for x in nemo.__version__.split(".")[:2])
+    return "zero_pad" if (major, minor) >= (2, 5) else "reflect_pad"
+
+
+def subsampling_params(model: Any) -> dict[str, Any]:
+    """Read how the encoder shortens the time axis, so the runtime can compute encoder lengths."""
+    enc = model.encoder
+    pre = getattr(enc, "pre_encode", None)
+    needed = ("_kernel_size", "_stride", "_left_padding", "_right_padding", "_ceil_mode", "_sampling_num")
+    if pre is None or not all(hasattr(pre, a) for a in needed):
+        raise ExportError(
+            f"encoder {type(enc).__name__} has no convolutional subsampling the runtime understands"
+        )
+    if getattr(enc, "reduction_subsampling", None) is not None:
+        raise ExportError("encoders with mid-stack reduction (reduction_position) are not supported")
+    return {
+        "factor": int(enc.subsampling_factor),
+        "kernel_size": int(pre._kernel_size),
+        "stride": int(pre._stride),
+        "all_paddings": int(pre._left_padding + pre._right_padding),
+        "ceil_mode": bool(pre._ceil_mode),
+        "repeat_num": int(pre._sampling_num),
+    }
+
+
+def write_tokens(model: Any, decoder: Any, name: str, tokens_dir: Path) -> dict[str, Any]:
+    """Write tokens/<name>.txt (and tokens/<name>.model for SentencePiece models)."""
+    vocab = list(decoder.vocabulary)
+    tokens_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = tokens_dir / f"{name}.txt"
+    tokenizer = getattr(model, "tokenizer", None)
+    info: dict[str, Any] = {"tokens_file": tok_path.name, "size": len(vocab), "blank_id": len(vocab)}
+    # NeMo's CTC decoding removes a space before punctuation marks that the vocabulary holds.
+    decoding = getattr(model, "ctc_decoding", None) or getattr(model, "decoding", None)
+    info["supported_punctuation"] = sorted(getattr(decoding, "supported_punctuation", None) or [])
+    if tokenizer is not None:
+        sp = getattr(tokenizer, "tokenizer", None)
+        if sp is None or not hasattr(sp, "serialized_model_proto"):
+            raise ExportError(f"tokenizer {type(tokenizer).__name__} is not SentencePiece; not supported")
+        spm_path = tokens_dir / f"{name}.model"
+        spm_path.write_bytes(sp.serialized_model_proto())
+        info["tokenizer"] = {"type": "sentencepiece", "file": spm_path.name}
+        pieces = [sp.id_to_piece(i) for i in range(len(vocab))]
+    else:
+        info["tokenizer"] = {"type": "char"}
+        pieces = [SPACE_PIECE if p == " " else p for p in vocab]
+    with tok_path.open("w", encoding="utf-8") as f:
+        for i, p in enumerate(pieces):
+            f.write(f"{p} {i}\n")
+        f.write(f"<blk> {len(pieces)}\n")
+    return info
+
+
+def add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    m = onnx.load(str(path))
+    existing = {p.key: p for p in m.metadata_props}
+    for k, v in meta.items():
+        prop = existing.get(k) or m.metadata_props.add()
+        prop.key, prop.value = k, str(v)
+    onnx.save(m, str(path))
+
+
+def verify(model: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.0) -> float:
+    """Compare the exported graph with NeMo's forward on the same features; return max |diff|.
+
+    Also checks the length formula against NeMo's encoder for a few lengths.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sr = int(model.preprocessor.featurizer.sample_rate)
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(1, int(seconds * sr), generator=g) * 0.1
+    with torch.no_grad():
+        feats, flen = model.preprocessor(input_signal=audio, length=torch.tensor([audio.shape[1]]))
+        enc, elen = model.encoder(audio_signal=feats, length=flen)
+        ref = model.decoder(encoder_output=enc) if not hasattr(model, "ctc_decoder") else model.ctc_decoder(
+            encoder_output=enc
+        )
+    out = sess.run(None, {"audio_signal": feats.numpy(), "length": flen.numpy()})[0]
+    if out.shape != tuple(ref.shape):
+        raise ExportError(f"ONNX output shape {out.shape} differs from NeMo's {tuple(ref.shape)}")
+    from service.decoding import Subsampling  # the runtime's formula, checked against NeMo's encoder
+
+    lengths = Subsampling.from_dict(sub).encoded_lengths
+    if int(lengths(flen.numpy())[0]) != int(elen[0]):
+        raise ExportError("the recorded subsampling does not reproduce NeMo's encoder lengths")
+    for n in (1, 2, 3, 7, 8, 9, 50, 101):
+        with torch.no_grad():
+            _, e = model.encoder(audio_signal=torch.zeros(1, feats.shape[1], n), length=torch.tensor([n]))
+        if int(lengths(np.array([n]))[0]) != int(e[0]):
+            raise ExportError(f"subsampling length formula disagrees with NeMo at {n} frames")
+    return float(np.max(np.abs(out - ref.numpy())))
+
+
+def export(
+    source: str,
+    name: str,
+    language: str,
+    models_dir: Path,
+    tokens_dir: Path,
+    max_audio_s: float,
+    framing: str | None,
+    check: bool,
+) -> Path:
+    import nemo
+    import torch
+
+    model = load_model(source)
+    model.eval()
+    decoder, model_type = ctc_parts(model)
+    feats = feature_params(model, framing or nemo_framing())
+    sub = subsampling_params(model)
+
+    # The relative positional encoding is a constant of fixed length inside the graph: raise it
+    # so inputs up to max_audio_s run (NeMo's default, 5000 encoder frames, is ~200 s at 40 ms).
+    frame_s = feats["hop_length"] / feats["sample_rate"] * sub["factor"]
+    max_enc_frames = int(max_audio_s / frame_s) + 1
+    if hasattr(model.encoder, "set_max_audio_length"):
+        model.encoder.set_max_audio_length(max(max_enc_frames, getattr(model.encoder, "max_audio_length", 0)))
+
+    out_dir = models_dir / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "model.onnx"
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        tmp_onnx = Path(tmp) / "model.onnx"
+        model.export(str(tmp_onnx), onnx_opset_version=17)
+        os.replace(tmp_onnx, onnx_path)
+
+    vocab = write_tokens(model, decoder, name, tokens_dir)
+    add_onnx_metadata(
+        onnx_path,
+        {
+            # Read by sherpa-onnx (OfflineRecognizer.from_nemo_ctc) and onnx-asr (nemo-conformer-ctc).
+            "vocab_size": str(vocab["size"] + 1),
+            "subsampling_factor": str(sub["factor"]),
+            "normalize_type": feats["normalize"] or "",
+            "model_type": "EncDecCTCModelBPE" if "tokenizer" in vocab and vocab["tokenizer"]["type"] != "char"
+            else "EncDecCTCModel",
+            "version": "1",
+            "model_author": "NeMo",
+            "language": language,
+            "comment": f"exported by export_to_onnx.py from {model_type} with NeMo {nemo.__version__}",
+        },
+    )
+
+    max_diff = verify(model, onnx_path, sub) if check else None
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "language": language,
+        "model_class": model_type,
+        "source": str(source),
+        "nemo_version": nemo.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "onnx": {
+            "file": onnx_path.name,
+            "sha256": sha256_of(onnx_path),
+            "opset": 17,
+            "inputs": ["audio_signal", "length"],
+            "output": "logprobs",
+            "max_abs_diff_vs_nemo": max_diff,
+        },
+        "features": feats,
+        "encoder": {
+            "subsampling": sub,
+            "frame_shift_s": frame_s,
+            "max_audio_s": float(max_audio_s),
+        },
+        "vocabulary": vocab,
+    }
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="export_to_onnx.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("model", help="path to a .nemo file, or a NeMo pretrained model name (needs network)")
+    p.add_argument("--name", help="package name (default: the file's stem or the pretrained name)")
+    p.add_argument("--language", default="und", help="BCP-47 language code recorded for routing (default: und)")
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models", help="where models/<name>/ goes")
+    p.add_argument("--tokens-dir", type=Path, default=ROOT / "tokens", help="where tokens/<name>.txt goes")
+    p.add_argument(
+        "--max-audio-s",
+        type=float,
+        default=600.0,
+        help="longest input, in seconds, the graph accepts in one piece (default 600; larger values "
+        "grow the file by the positional table: 2 x frames x d_model x 4 bytes)",
+    )
+    p.add_argument(
+        "--framing",
+        choices=["zero_pad", "reflect_pad"],
+        help="STFT framing to record; default: that of the installed NeMo (zero_pad for >= 2.5)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-NeMo comparison after export")
+    args = p.parse_args(argv)
+
+    name = args.name or Path(args.model).name.removesuffix(".nemo")
+    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        p.error(f"invalid package name {name!r}: use letters, digits, '_', '-', '.'")
+    logging.getLogger("nemo_logger").setLevel(logging.ERROR)
+    try:
+        out = export(
+            args.model,
+            name,
+            args.language,
+            args.models_dir,
+            args.tokens_dir,
+            args.max_audio_s,
+            args.framing,
+            check=not args.no_check,
+        )
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = json.loads((out / "model.json").read_text())
+    diff = meta["onnx"]["max_abs_diff_vs_nemo"]
+    print(f"wrote {out}/model.onnx, {out}/model.json, {args.tokens_dir}/{name}.txt")
+    if diff is not None:
+        print(f"ONNX vs NeMo log-probs: max |diff| = {diff:.2e}")
+        if diff > 1e-3:
+            print("error: the exported graph does not reproduce NeMo within 1e-3", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Settings: one typed object, read from ASR_* environment variables (and CLI overrides)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: affinity mask, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` reports the host's cores even inside ``docker run --cpus 2``; sizing
+    ONNX Runtime's thread pool by it oversubscribes a throttled container.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; environment variable = ``ASR_`` + upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="ASR_", extra="ignore")
+
+    model_dir: Path = Field(ROOT / "models", description="Directory holding models/<name>/ packages")
+    tokens_dir: Path = Field(ROOT / "tokens", description="Directory holding tokens/<name>.txt maps")
+    default_model: str = Field(
+        "", description="Package served by default; empty: the only package, or the first by name"
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="Execution provider: cpu, cuda (needs onnxruntime-gpu), auto (cuda if present)"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = usable CPUs")
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    max_upload_mb: float = Field(100.0, gt=0, description="Largest accepted upload, in MB")
+    max_duration_s: float = Field(300.0, gt=0, description="Longest accepted audio, in seconds")
+    min_duration_s: float = Field(0.1, ge=0, description="Shortest accepted audio, in seconds")
+    host: str = Field("0.0.0.0", description="Interface to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+    def resolved_intra_op_threads(self) -> int:
+        return self.intra_op_threads or available_cpus()

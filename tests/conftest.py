@@ -1,0 +1,175 @@
+"""Shared fixtures: real audio files, and small NeMo models built, exported and run by NeMo itself.
+
+The NeMo side runs in its own virtual environment (``ASR_EXPORT_PYTHON``, default
+``.venv-export/bin/python``), as a subprocess, so this test process (the runtime's venv) never
+imports torch or NeMo. Its outputs are cached under ``.cache/nemo-fixture/<hash>``, keyed by the
+content of every script involved and of the audio, so a change to any of them rebuilds.
+When that interpreter is missing the NeMo tests are skipped locally, but fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+EXPORT_PYTHON = Path(os.environ.get("ASR_EXPORT_PYTHON", ROOT / ".venv-export" / "bin" / "python"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Sentences spoken by espeak-ng for the parity clips (the model is random: any speech will do,
+# but real speech gives realistic spectra and lengths).
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "a speech recognition service turns audio into text",
+    "please call stella and ask her to bring these things with her from the store",
+    "six spoons of fresh snow peas five thick slabs of blue cheese",
+    "we also need a small plastic snake and a big toy frog for the kids",
+    "it was the best of times it was the worst of times",
+    "hello world",
+    "numbers one two three four five six seven eight nine ten",
+    "the rain in spain stays mainly in the plain",
+    "how much wood would a woodchuck chuck",
+    "to be or not to be that is the question",
+    "peter piper picked a peck of pickled peppers",
+    "every good boy does fine",
+    "yes",
+    "the weather today is sunny with a chance of rain in the evening",
+]
+VOICES = ["en", "en-us", "en-gb-x-rp", "en+f3", "en-us+m2", "en-gb-scotland", "en+f5", "en-us+klatt"]
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def synthesize(text: str, voice: str, speed: int, out: Path, rate: int = 16000) -> Path:
+    """Speak ``text`` with espeak-ng, then convert with sox to ``rate`` Hz mono 16-bit WAV."""
+    raw = out.with_suffix(".espeak.wav")
+    _run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text])
+    _run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)])
+    raw.unlink()
+    return out
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real audio: >= 20 clips at 16 kHz mono 16-bit: espeak-ng speech, noise, edge lengths."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (apt-get install espeak-ng sox); tests/run.sh installs it")
+    d = tmp_path_factory.mktemp("speech")
+    for i, text in enumerate(SENTENCES):
+        synthesize(text, VOICES[i % len(VOICES)], 130 + 15 * (i % 5), d / f"speech_{i:02d}.wav")
+    rng = np.random.default_rng(1234)
+    sf.write(d / "noise_white_2s.wav", (0.1 * rng.standard_normal(32000)).astype(np.float32), 16000, subtype="PCM_16")
+    brown = np.cumsum(rng.standard_normal(48000)).astype(np.float32)
+    sf.write(d / "noise_brown_3s.wav", 0.5 * brown / np.abs(brown).max(), 16000, subtype="PCM_16")
+    # Edge lengths: exactly 0.5 s, and odd sample counts that do not divide by the hop.
+    speech0, _ = sf.read(d / "speech_00.wav", dtype="int16")
+    sf.write(d / "edge_0p5s.wav", speech0[:8000], 16000, subtype="PCM_16")
+    sf.write(d / "edge_odd_16001.wav", speech0[:16001], 16000, subtype="PCM_16")
+    sf.write(d / "edge_odd_12345.wav", speech0[2000:14345], 16000, subtype="PCM_16")
+    return d
+
+
+def speech_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.wav"))
+
+
+@dataclass(frozen=True)
+class NemoModel:
+    """A NeMo model exported to a package, with NeMo's reference outputs on ``files``."""
+
+    name: str
+    arch: str
+    nemo_path: Path
+    model_dir: Path
+    tokens_dir: Path
+    files: list[Path]
+    arrays: dict[str, np.ndarray]
+    transcripts: list[str]
+
+
+def _digest(paths: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
+    if not EXPORT_PYTHON.exists():
+        msg = f"NeMo export interpreter {EXPORT_PYTHON} not found (tests/run.sh creates .venv-export)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    scripts = [
+        ROOT / "tests" / "nemo_side" / "build_model.py",
+        ROOT / "tests" / "nemo_side" / "reference.py",
+        ROOT / "export_to_onnx.py",
+        ROOT / "service" / "decoding.py",
+    ]
+    key = _digest(scripts + files, arch)
+    work = CACHE / "nemo-fixture" / f"{arch}-{key}"
+    done = work / "done.json"
+    name = f"test_{arch}"
+    if not done.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        # Copy the audio next to the reference so the cache entry is self-contained.
+        audio = work / "audio"
+        audio.mkdir()
+        local = [Path(shutil.copy(f, audio / f.name)) for f in files]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        py = str(EXPORT_PYTHON)
+        try:
+            _run([py, str(scripts[0]), "--out", str(work / "nemo"), "--arch", arch], env=env, cwd=ROOT)
+            _run(
+                [py, str(ROOT / "export_to_onnx.py"), str(work / "nemo" / "model.nemo"), "--name", name,
+                 "--language", "en", "--models-dir", str(work / "models"), "--tokens-dir", str(work / "tokens"),
+                 "--max-audio-s", "300"],
+                env=env, cwd=ROOT,
+            )
+            _run([py, str(scripts[1]), "--nemo", str(work / "nemo" / "model.nemo"), "--out", str(work / "ref")]
+                 + [str(f) for f in local], env=env, cwd=ROOT)
+        except subprocess.CalledProcessError as e:
+            sys.stderr.write(e.stdout[-5000:] + e.stderr[-5000:])
+            pytest.fail(f"NeMo fixture step failed: {' '.join(e.cmd[:3])} (exit {e.returncode})")
+        done.write_text(json.dumps({"arch": arch}))
+    ref = json.loads((work / "ref" / "reference.json").read_text())
+    with np.load(work / "ref" / "reference.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return NemoModel(
+        name=name,
+        arch=arch,
+        nemo_path=work / "nemo" / "model.nemo",
+        model_dir=work / "models",
+        tokens_dir=work / "tokens",
+        files=[Path(f) for f in ref["files"]],
+        arrays=arrays,
+        transcripts=ref["transcripts"],
+    )
+
+
+@pytest.fixture(scope="session", params=["conformer", "fastconformer"])
+def nemo_model(request: pytest.FixtureRequest, speech_dir: Path) -> NemoModel:
+    """Each test that takes this runs once per architecture."""
+    return build_nemo_model(request.param, speech_files(speech_dir))
+
+
+@pytest.fixture(scope="session")
+def conformer(speech_dir: Path) -> NemoModel:
+    return build_nemo_model("conformer", speech_files(speech_dir))

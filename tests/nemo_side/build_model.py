@@ -1,0 +1,147 @@
+"""Build a small random NeMo CTC model, offline, for parity tests (runs in the export venv).
+
+The model is a real ``EncDecCTCModelBPE`` made by NeMo from a config, with a SentencePiece
+tokenizer trained here by NeMo's own helper. Its weights are random, but its preprocessor,
+encoder, decoder and decoding are NeMo's code, so it is the honest reference for the runtime.
+The decoder weights are scaled up so that the per-frame argmax varies and transcripts are
+non-trivial strings rather than all-blank.
+
+Usage: python tests/nemo_side/build_model.py --out DIR --arch conformer|fastconformer [--seed N]
+Writes DIR/model.nemo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+# Text for the tokenizer: ordinary English so the pieces look like a real model's.
+TEXT = """the quick brown fox jumps over the lazy dog
+she sells sea shells by the sea shore
+a speech recognition service turns audio into text
+numbers like one two three four five six seven eight nine ten
+how much wood would a woodchuck chuck if a woodchuck could chuck wood
+peter piper picked a peck of pickled peppers
+the rain in spain stays mainly in the plain
+every good boy does fine and all cows eat grass
+it was the best of times it was the worst of times
+call me ishmael some years ago never mind how long precisely
+we hold these truths to be self evident that all men are created equal
+to be or not to be that is the question
+in the beginning god created the heaven and the earth
+hello world this is a test of the emergency broadcast system
+the weather today is sunny with a chance of rain in the evening
+please transcribe this sentence exactly as it was spoken
+"""
+
+ARCHS = {
+    # Conformer-CTC: striding subsampling by 4, like stt_*_conformer_ctc_*.
+    "conformer": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
+    # FastConformer-CTC: depthwise-striding subsampling by 8, like parakeet / stt_*_fastconformer.
+    "fastconformer": {"subsampling": "dw_striding", "subsampling_factor": 8, "d_model": 64, "n_heads": 4},
+}
+
+
+def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
+    import torch
+    from omegaconf import OmegaConf
+
+    from nemo.collections.asr.models import EncDecCTCModelBPE
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tok-", dir=out))
+    text_file = work / "text.txt"
+    text_file.write_text(TEXT * 4)
+    create_spt_model(
+        str(text_file),
+        vocab_size=vocab_size,
+        sample_size=-1,
+        do_lower_case=True,
+        tokenizer_type="bpe",
+        output_dir=str(work / "tokenizer"),
+    )
+    a = ARCHS[arch]
+    cfg = {
+        "sample_rate": 16000,
+        "tokenizer": {"dir": str(work / "tokenizer"), "type": "bpe"},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": 16000,
+            "normalize": "per_feature",
+            "window_size": 0.025,
+            "window_stride": 0.01,
+            "window": "hann",
+            "features": 80,
+            "n_fft": 512,
+            "log": True,
+            "frame_splicing": 1,
+            "dither": 1e-5,
+            "pad_to": 0,
+            "pad_value": 0.0,
+        },
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": 80,
+            "feat_out": -1,
+            "n_layers": 2,
+            "d_model": a["d_model"],
+            "subsampling": a["subsampling"],
+            "subsampling_factor": a["subsampling_factor"],
+            "subsampling_conv_channels": 64,
+            "ff_expansion_factor": 2,
+            "self_attention_model": "rel_pos",
+            "n_heads": a["n_heads"],
+            "att_context_size": [-1, -1],
+            "xscaling": True,
+            "untie_biases": True,
+            "pos_emb_max_len": 5000,
+            "conv_kernel_size": 9,
+            "conv_norm_type": "batch_norm",
+            "dropout": 0.0,
+            "dropout_pre_encoder": 0.0,
+            "dropout_emb": 0.0,
+            "dropout_att": 0.0,
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+            "feat_in": a["d_model"],
+            "num_classes": -1,
+            "vocabulary": [],
+        },
+        "validation_ds": {
+            "manifest_filepath": None,
+            "sample_rate": 16000,
+            "batch_size": 4,
+            "shuffle": False,
+        },
+        "optim": {"name": "adamw", "lr": 1e-3},
+    }
+    model = EncDecCTCModelBPE(cfg=OmegaConf.create(cfg))
+    with torch.no_grad():
+        # Random init gives near-uniform posteriors (always blank); scale so argmax varies.
+        model.decoder.decoder_layers[0].weight.mul_(8.0)
+    model.eval()
+    path = out / "model.nemo"
+    model.save_to(str(path))
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="conformer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=64)
+    args = p.parse_args()
+    logging.getLogger("nemo_logger").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(build(args.out, args.arch, args.seed, args.vocab_size))
+
+
+if __name__ == "__main__":
+    main()
