@@ -72,8 +72,8 @@ def test_batched_logprobs_match_nemo(nemo_model: NemoModel) -> None:
 def test_transcripts_identical_to_nemo_transcribe(nemo_model: NemoModel) -> None:
     rec = recognizer(nemo_model)
     ours = [t.text for t in rec.transcribe([load(f) for f in nemo_model.files])]
-    # The model is random but its decoder is scaled: transcripts are real, varied strings.
-    assert sum(bool(t) for t in nemo_model.transcripts) >= len(nemo_model.files) // 2
+    # The model is random but scaled so transcripts are varied strings, not one repeated token.
+    assert len(set(nemo_model.transcripts)) >= len(nemo_model.files) // 2
     assert ours == nemo_model.transcripts
 
 

@@ -3,8 +3,8 @@
 The model is a real ``EncDecCTCModelBPE`` made by NeMo from a config, with a SentencePiece
 tokenizer trained here by NeMo's own helper. Its weights are random, but its preprocessor,
 encoder, decoder and decoding are NeMo's code, so it is the honest reference for the runtime.
-The decoder weights are scaled up so that the per-frame argmax varies and transcripts are
-non-trivial strings rather than all-blank.
+Some weights are scaled up so that the per-frame argmax varies and transcripts are varied,
+non-trivial strings rather than one repeated token.
 
 Usage: python tests/nemo_side/build_model.py --out DIR --arch conformer|fastconformer [--seed N]
 Writes DIR/model.nemo.
@@ -123,7 +123,11 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
     }
     model = EncDecCTCModelBPE(cfg=OmegaConf.create(cfg))
     with torch.no_grad():
-        # Random init gives near-uniform posteriors (always blank); scale so argmax varies.
+        # Random init gives near-constant posteriors (one token or blank everywhere). Scale the
+        # subsampling convolutions (so frames differ) and the decoder (so argmax follows them).
+        for mod in model.encoder.pre_encode.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                mod.weight.mul_(4.0)
         model.decoder.decoder_layers[0].weight.mul_(8.0)
     model.eval()
     path = out / "model.nemo"
