@@ -119,8 +119,10 @@ def feature_params(model: Any, framing: str) -> dict[str, Any]:
         raise ExportError(f"frame_splicing={fb.frame_splicing} is not supported by the runtime")
     cfg = model.cfg.preprocessor
     normalize = fb.normalize
-    if normalize not in ("per_feature", "all_features", None, "", "none"):
-        raise ExportError(f"normalize={normalize!r} is not supported by the runtime")
+    if not isinstance(normalize, str | None):
+        raise ExportError(f"normalize={normalize!r} (fixed mean/std) is not supported by the runtime")
+    if normalize not in ("per_feature", "all_features"):
+        normalize = None  # NeMo leaves features unnormalized for any other value ("NA", "none", ...)
     guard = fb.log_zero_guard_value
     if isinstance(guard, str):
         import torch
@@ -148,7 +150,7 @@ def feature_params(model: Any, framing: str) -> dict[str, Any]:
         "log": bool(fb.log),
         "log_zero_guard_type": str(fb.log_zero_guard_type),
         "log_zero_guard_value": float(guard),
-        "normalize": normalize if normalize not in ("", "none") else None,
+        "normalize": normalize,
         "pad_value": float(fb.pad_value),
         "exact_pad": bool(fb.exact_pad),
         "framing": framing,
@@ -173,9 +175,7 @@ def subsampling_params(model: Any) -> dict[str, Any]:
     pre = getattr(enc, "pre_encode", None)
     needed = ("_kernel_size", "_stride", "_left_padding", "_right_padding", "_ceil_mode", "_sampling_num")
     if pre is None or not all(hasattr(pre, a) for a in needed):
-        raise ExportError(
-            f"encoder {type(enc).__name__} has no convolutional subsampling the runtime understands"
-        )
+        raise ExportError(f"encoder {type(enc).__name__} has no convolutional subsampling the runtime understands")
     if getattr(enc, "reduction_subsampling", None) is not None:
         raise ExportError("encoders with mid-stack reduction (reduction_position) are not supported")
     return {
@@ -243,8 +243,10 @@ def verify(model: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.
     with torch.no_grad():
         feats, flen = model.preprocessor(input_signal=audio, length=torch.tensor([audio.shape[1]]))
         enc, elen = model.encoder(audio_signal=feats, length=flen)
-        ref = model.decoder(encoder_output=enc) if not hasattr(model, "ctc_decoder") else model.ctc_decoder(
-            encoder_output=enc
+        ref = (
+            model.decoder(encoder_output=enc)
+            if not hasattr(model, "ctc_decoder")
+            else model.ctc_decoder(encoder_output=enc)
         )
     out = sess.run(None, {"audio_signal": feats.numpy(), "length": flen.numpy()})[0]
     if out.shape != tuple(ref.shape):
@@ -304,7 +306,8 @@ def export(
             "vocab_size": str(vocab["size"] + 1),
             "subsampling_factor": str(sub["factor"]),
             "normalize_type": feats["normalize"] or "",
-            "model_type": "EncDecCTCModelBPE" if "tokenizer" in vocab and vocab["tokenizer"]["type"] != "char"
+            "model_type": "EncDecCTCModelBPE"
+            if "tokenizer" in vocab and vocab["tokenizer"]["type"] != "char"
             else "EncDecCTCModel",
             "version": "1",
             "model_author": "NeMo",
@@ -322,7 +325,7 @@ def export(
         "source": str(source),
         "nemo_version": nemo.__version__,
         "torch_version": torch.__version__.split("+")[0],
-        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "onnx": {
             "file": onnx_path.name,

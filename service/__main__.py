@@ -18,22 +18,29 @@ from service.config import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", help="interface to listen on (ASR_HOST, default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (ASR_PORT, default 8000)")
     p.add_argument("--model-dir", type=Path, help="directory of model packages (ASR_MODEL_DIR)")
     p.add_argument("--tokens-dir", type=Path, help="directory of token maps (ASR_TOKENS_DIR)")
     p.add_argument("--default-model", help="package to serve (ASR_DEFAULT_MODEL)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="execution provider (ASR_DEVICE)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
-                   help="log level (ASR_LOG_LEVEL)")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error", "critical"], help="log level (ASR_LOG_LEVEL)"
+    )
     args = p.parse_args(argv)
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
 
 
 if __name__ == "__main__":

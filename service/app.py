@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -65,8 +66,9 @@ class TranscriptionResponse(BaseModel):
     audio: AudioInfo
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else ("service_unavailable" if status == 503 else "server_error")
     body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -109,9 +111,8 @@ def load_model(settings: Settings, state: ModelState) -> None:
         # Warm-up: the first run allocates buffers and picks kernels; do it before saying ready.
         rec.transcribe([np.zeros(rec.sample_rate, dtype=np.float32)])
         state.warmup_ms = round((time.perf_counter() - t1) * 1000, 1)
-    except (PackageError, OSError, ValueError, RuntimeError) as e:
-        # onnxruntime raises RuntimeError subclasses for broken graphs.
-        state.status, state.reason = "failed", str(e)
+    except Exception as e:  # any failure (bad package, ORT refusing the graph) must become a 503 reason
+        state.status, state.reason = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, PackageError) else str(e)
         log.error("model %s failed to load: %s", state.name, e)
         return
     state.recognizer = rec
@@ -198,7 +199,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _early_size_check(request: Request, call_next: Any) -> Response:
         """Refuse an oversized body from its Content-Length, before reading any of it."""
         cl = request.headers.get("content-length")
-        if request.method == "POST" and cl and cl.isdigit() and int(cl) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
+        if (
+            request.method == "POST"
+            and cl
+            and cl.isdigit()
+            and int(cl) > settings.max_upload_bytes + MULTIPART_OVERHEAD
+        ):
             metrics.failure(413, "file_too_large")
             return error_response(
                 413, "file_too_large", f"request body exceeds the {settings.max_upload_mb:g} MB upload limit", "file"
@@ -226,13 +232,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         }
 
-    @app.get("/health", summary="Readiness: 200 once the model is loaded and warmed up",
-             responses={503: {"description": "loading or broken, with a reason"}})
+    @app.get(
+        "/health",
+        summary="Readiness: 200 once the model is loaded and warmed up",
+        responses={503: {"description": "loading or broken, with a reason"}},
+    )
     async def health() -> JSONResponse:
         if state.status == "ready":
             return JSONResponse({"status": "ok", "model": state.name})
         return JSONResponse(
-            {"status": state.status, "model": state.name, "reason": state.reason}, status_code=503,
+            {"status": state.status, "model": state.name, "reason": state.reason},
+            status_code=503,
             headers={"Retry-After": "2"} if state.status == "loading" else None,
         )
 
@@ -251,15 +261,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={s: {"model": ErrorBody} for s in (400, 404, 413, 415, 503)},
     )
     async def transcribe(
-        file: UploadFile | None = File(None, description="Audio file: WAV (PCM 8-32 bit or float), FLAC, OGG"),
-        model: str | None = Form(None, description="Model name; default: the served model"),
+        file: Annotated[
+            UploadFile | None, File(description="Audio file: WAV (PCM 8-32 bit or float), FLAC, OGG")
+        ] = None,
+        model: Annotated[str | None, Form(description="Model name; default: the served model")] = None,
     ) -> TranscriptionResponse:
         t0 = time.perf_counter()
         if file is None:
             raise ClientError(400, "missing_file", "send the audio as multipart/form-data in a field named 'file'")
         if model and model != state.name:
-            raise ClientError(404, "model_not_found", f"model '{model}' is not served (available: {state.name})",
-                              "model")
+            raise ClientError(
+                404, "model_not_found", f"model '{model}' is not served (available: {state.name})", "model"
+            )
         rec = state.require()
         data = await read_upload(file, settings.max_upload_bytes)
         max_s = min(settings.max_duration_s, rec.max_audio_s)
@@ -280,8 +293,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             duration_s=round(audio.duration_s, 4),
             processing_ms=round(elapsed * 1000, 2),
             rtf=round(elapsed / audio.duration_s, 5),
-            audio=AudioInfo(format=audio.format, subtype=audio.subtype, sample_rate=audio.source_rate,
-                            channels=audio.channels),
+            audio=AudioInfo(
+                format=audio.format, subtype=audio.subtype, sample_rate=audio.source_rate, channels=audio.channels
+            ),
         )
 
     return app

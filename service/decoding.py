@@ -77,9 +77,7 @@ class Detokenizer:
 
             self._sp = spm.SentencePieceProcessor(model_file=str(spm_path))
             if self._sp.get_piece_size() != len(pieces):
-                raise ValueError(
-                    f"tokenizer has {self._sp.get_piece_size()} pieces, token map has {len(pieces)}"
-                )
+                raise ValueError(f"tokenizer has {self._sp.get_piece_size()} pieces, token map has {len(pieces)}")
         self._punct = (
             re.compile(r"(\s)(" + "|".join(re.escape(p) for p in supported_punctuation) + ")")
             if supported_punctuation

@@ -123,10 +123,8 @@ class FeatureExtractor:
 
     def __init__(self, cfg: FeatureConfig):
         self.cfg = cfg
-        if cfg.window == "none":
-            win = np.ones(cfg.win_length)
-        else:
-            win = _WINDOWS[cfg.window](cfg.win_length)  # symmetric, like torch's periodic=False
+        # Symmetric windows, like torch's periodic=False that NeMo uses.
+        win = np.ones(cfg.win_length) if cfg.window == "none" else _WINDOWS[cfg.window](cfg.win_length)
         left = (cfg.n_fft - cfg.win_length) // 2  # torch.stft centres a short window in n_fft
         padded = np.zeros(cfg.n_fft, dtype=np.float32)
         padded[left : left + cfg.win_length] = win.astype(np.float32)
@@ -200,15 +198,23 @@ class FeatureExtractor:
         return self._normalize(feats)
 
     def _normalize(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """NeMo's normalize_batch: mean and std (N-1) over valid frames, std + 1e-5.
+
+        Accumulates in float64. NeMo sums in float32 in torch's reduction order, which only
+        matters where a band is exactly constant (digital silence): there its rounding residue,
+        divided by 1e-5, becomes a constant of order 0.1 whose value depends on the CPU's vector
+        width; here the result is the exact 0. Everywhere else the two agree to ~1e-6.
+        """
         n = x.shape[1]
         if self.cfg.normalize == "per_feature":
-            mean = x.mean(axis=1, keepdims=True)
-            std = np.sqrt(((x - mean) ** 2).sum(axis=1, keepdims=True) / (n - 1)) if n > 1 else np.zeros_like(mean)
-            return ((x - mean) / (std + np.float32(NORMALIZE_EPS))).astype(np.float32)
+            mean = x.mean(axis=1, keepdims=True, dtype=np.float64)
+            dev = x - mean
+            std = np.sqrt((dev**2).sum(axis=1, keepdims=True) / (n - 1)) if n > 1 else np.zeros_like(mean)
+            return np.asarray(dev / (std + NORMALIZE_EPS), dtype=np.float32)
         if self.cfg.normalize == "all_features":
-            mean = x.mean()
-            std = x.std(ddof=1) if x.size > 1 else 0.0
-            return ((x - mean) / (std + NORMALIZE_EPS)).astype(np.float32)
+            mean_all = x.mean(dtype=np.float64)
+            std_all = float(x.std(ddof=1, dtype=np.float64)) if x.size > 1 else 0.0
+            return np.asarray((x - mean_all) / (std_all + NORMALIZE_EPS), dtype=np.float32)
         return x
 
     def batch(self, audios: list[npt.NDArray[np.float32]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:

@@ -12,7 +12,8 @@ from collections import Counter, deque
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RECENT = 10_000  # latencies kept for /stats percentiles: bounded memory, recent behaviour
@@ -23,19 +24,25 @@ class Metrics:
         self.started = time.time()
         self.registry = CollectorRegistry()
         self._requests = PromCounter(
-            "asr_requests", "Transcription requests by outcome and error code", ["outcome", "code"],
+            "asr_requests",
+            "Transcription requests by outcome and error code",
+            ["outcome", "code"],
             registry=self.registry,
         )
         self._audio = PromCounter(
             "asr_audio_seconds", "Seconds of audio transcribed successfully", registry=self.registry
         )
         self._latency = Histogram(
-            "asr_request_duration_seconds", "Time to answer a successful transcription",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "asr_request_duration_seconds",
+            "Time to answer a successful transcription",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self._rtf = Histogram(
-            "asr_real_time_factor", "Processing time divided by audio duration",
-            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=self.registry,
+            "asr_real_time_factor",
+            "Processing time divided by audio duration",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=self.registry,
         )
         self.ready = Gauge("asr_model_ready", "1 when the model is loaded and warmed up", registry=self.registry)
         self._lock = threading.Lock()

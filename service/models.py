@@ -105,7 +105,9 @@ class Transcript:
 class Recognizer:
     """Features -> ONNX Runtime -> greedy CTC for one model package. Thread-safe."""
 
-    def __init__(self, package: ModelPackage, device: Device = "cpu", intra_op_threads: int = 1, inter_op_threads: int = 1):
+    def __init__(
+        self, package: ModelPackage, device: Device = "cpu", intra_op_threads: int = 1, inter_op_threads: int = 1
+    ):
         self.package = package
         meta = package.meta
         try:

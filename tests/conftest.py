@@ -77,6 +77,10 @@ def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sf.write(d / "noise_white_2s.wav", (0.1 * rng.standard_normal(32000)).astype(np.float32), 16000, subtype="PCM_16")
     brown = np.cumsum(rng.standard_normal(48000)).astype(np.float32)
     sf.write(d / "noise_brown_3s.wav", 0.5 * brown / np.abs(brown).max(), 16000, subtype="PCM_16")
+    # Speech on a DC offset with clipping. (Digital silence is tested on its own: see
+    # service.features.FeatureExtractor._normalize for why NeMo's value there is not portable.)
+    speech1, _ = sf.read(d / "speech_01.wav", dtype="float32")
+    sf.write(d / "dc_clipped.wav", np.clip(speech1 * 4 + 0.3, -1, 1), 16000, subtype="PCM_16")
     # Edge lengths: exactly 0.5 s, and odd sample counts that do not divide by the hop.
     speech0, _ = sf.read(d / "speech_00.wav", dtype="int16")
     sf.write(d / "edge_0p5s.wav", speech0[:8000], 16000, subtype="PCM_16")
@@ -110,45 +114,73 @@ def _digest(paths: list[Path], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
+def require_export_python() -> str:
     if not EXPORT_PYTHON.exists():
         msg = f"NeMo export interpreter {EXPORT_PYTHON} not found (tests/run.sh creates .venv-export)"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
+    return str(EXPORT_PYTHON)
+
+
+def run_nemo_cached(tag: str, inputs: list[Path], steps: list[list[str]]) -> Path:
+    """Run NeMo-side commands once per distinct content; return their work directory.
+
+    ``steps`` are argument lists for the export interpreter; ``{work}`` in them is replaced by
+    the work directory. The cache key covers the NeMo-side scripts, the exporter, the runtime
+    code the exporter imports, every input file and the commands themselves.
+    """
+    py = require_export_python()
     scripts = [
-        ROOT / "tests" / "nemo_side" / "build_model.py",
-        ROOT / "tests" / "nemo_side" / "reference.py",
+        *sorted((ROOT / "tests" / "nemo_side").glob("*.py")),
         ROOT / "export_to_onnx.py",
         ROOT / "service" / "decoding.py",
     ]
-    key = _digest(scripts + files, arch)
-    work = CACHE / "nemo-fixture" / f"{arch}-{key}"
-    done = work / "done.json"
-    name = f"test_{arch}"
-    if not done.exists():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        # Copy the audio next to the reference so the cache entry is self-contained.
-        audio = work / "audio"
-        audio.mkdir()
-        local = [Path(shutil.copy(f, audio / f.name)) for f in files]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        py = str(EXPORT_PYTHON)
+    key = _digest(scripts + inputs, json.dumps(steps))
+    work = CACHE / "nemo-fixture" / f"{tag}-{key}"
+    if (work / "done").exists():
+        return work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    for step in steps:
+        cmd = [py] + [a.replace("{work}", str(work)) for a in step]
         try:
-            _run([py, str(scripts[0]), "--out", str(work / "nemo"), "--arch", arch], env=env, cwd=ROOT)
-            _run(
-                [py, str(ROOT / "export_to_onnx.py"), str(work / "nemo" / "model.nemo"), "--name", name,
-                 "--language", "en", "--models-dir", str(work / "models"), "--tokens-dir", str(work / "tokens"),
-                 "--max-audio-s", "300"],
-                env=env, cwd=ROOT,
-            )
-            _run([py, str(scripts[1]), "--nemo", str(work / "nemo" / "model.nemo"), "--out", str(work / "ref")]
-                 + [str(f) for f in local], env=env, cwd=ROOT)
+            _run(cmd, env=env, cwd=ROOT)
         except subprocess.CalledProcessError as e:
             sys.stderr.write(e.stdout[-5000:] + e.stderr[-5000:])
-            pytest.fail(f"NeMo fixture step failed: {' '.join(e.cmd[:3])} (exit {e.returncode})")
-        done.write_text(json.dumps({"arch": arch}))
+            pytest.fail(f"NeMo-side step failed: {' '.join(cmd[1:3])} (exit {e.returncode})")
+    (work / "done").write_text("ok")
+    return work
+
+
+def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
+    """Build a random NeMo model, export it with export_to_onnx.py, and record NeMo's outputs."""
+    name = f"test_{arch}"
+    nemo_side = "tests/nemo_side"
+    work = run_nemo_cached(
+        arch,
+        files,
+        [
+            [f"{nemo_side}/build_model.py", "--out", "{work}/nemo", "--arch", arch],
+            [
+                "export_to_onnx.py",
+                "{work}/nemo/model.nemo",
+                "--name",
+                name,
+                "--language",
+                "en",
+                "--models-dir",
+                "{work}/models",
+                "--tokens-dir",
+                "{work}/tokens",
+                "--max-audio-s",
+                "300",
+            ],
+            [f"{nemo_side}/reference.py", "--nemo", "{work}/nemo/model.nemo", "--out", "{work}/ref"]
+            + [str(f) for f in files],
+        ],
+    )
     ref = json.loads((work / "ref" / "reference.json").read_text())
     with np.load(work / "ref" / "reference.npz") as z:
         arrays = {k: z[k] for k in z.files}
@@ -158,13 +190,13 @@ def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
         nemo_path=work / "nemo" / "model.nemo",
         model_dir=work / "models",
         tokens_dir=work / "tokens",
-        files=[Path(f) for f in ref["files"]],
+        files=files,
         arrays=arrays,
         transcripts=ref["transcripts"],
     )
 
 
-@pytest.fixture(scope="session", params=["conformer", "fastconformer"])
+@pytest.fixture(scope="session", params=["conformer", "fastconformer", "char"])
 def nemo_model(request: pytest.FixtureRequest, speech_dir: Path) -> NemoModel:
     """Each test that takes this runs once per architecture."""
     return build_nemo_model(request.param, speech_files(speech_dir))

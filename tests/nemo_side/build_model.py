@@ -42,15 +42,17 @@ ARCHS = {
     "conformer": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
     # FastConformer-CTC: depthwise-striding subsampling by 8, like parakeet / stt_*_fastconformer.
     "fastconformer": {"subsampling": "dw_striding", "subsampling_factor": 8, "d_model": 64, "n_heads": 4},
+    # Character-level EncDecCTCModel (no SentencePiece), like the older QuartzNet/Conformer-char models.
+    "char": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
 }
+CHAR_LABELS = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
 
 
 def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
     import torch
-    from omegaconf import OmegaConf
-
-    from nemo.collections.asr.models import EncDecCTCModelBPE
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+    from omegaconf import OmegaConf
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,14 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         },
         "optim": {"name": "adamw", "lr": 1e-3},
     }
-    model = EncDecCTCModelBPE(cfg=OmegaConf.create(cfg))
+    if arch == "char":
+        del cfg["tokenizer"]
+        cfg["labels"] = CHAR_LABELS
+        cfg["validation_ds"]["labels"] = CHAR_LABELS
+        cfg["decoder"].update(num_classes=len(CHAR_LABELS), vocabulary=CHAR_LABELS)
+        model = EncDecCTCModel(cfg=OmegaConf.create(cfg))
+    else:
+        model = EncDecCTCModelBPE(cfg=OmegaConf.create(cfg))
     with torch.no_grad():
         # Random init gives near-constant posteriors (one token or blank everywhere). Scale the
         # subsampling convolutions (so frames differ) and the decoder (so argmax follows them).

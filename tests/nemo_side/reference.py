@@ -29,7 +29,6 @@ def main() -> None:
 
     import soundfile as sf
     import torch
-
     from nemo.collections.asr.models import ASRModel
 
     model = ASRModel.restore_from(str(args.nemo), map_location="cpu")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run lint, format check, type check and pytest.
+#
+#   bash tests/run.sh [pytest args...]
+#
+# Creates two virtual environments in the project root (both git-ignored):
+#   .venv         the runtime (requirements.txt) plus test tools (requirements-dev.txt): no torch, no NeMo
+#   .venv-export  NeMo + torch (CPU) for export_to_onnx.py and the NeMo side of the parity tests
+# and installs espeak-ng and sox (test audio) with apt-get when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends espeak-ng sox
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+
+if [ ! -x .venv-export/bin/python ]; then
+  "$PY" -m venv .venv-export
+fi
+if ! .venv-export/bin/python -c "import nemo.collections.asr" >/dev/null 2>&1; then
+  # torch first and pinned: the CPU wheel. Letting pip pick torch for NeMo would pull CUDA builds.
+  .venv-export/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+  .venv-export/bin/python -m pip install -q --disable-pip-version-check -r requirements-export.txt
+fi
+
+echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest"
+# pytest exits 5 when it collects no tests; set -e turns that (like any failure) into a failed run.
+ASR_EXPORT_PYTHON="$PWD/.venv-export/bin/python" .venv/bin/python -m pytest "$@"

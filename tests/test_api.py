@@ -1,0 +1,271 @@
+"""The real service over real HTTP: transcripts equal NeMo's, every bad input gets a clear 4xx."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import NemoModel
+from tests.server import running_server
+
+
+def model_env(m: NemoModel, **extra: str) -> dict[str, str]:
+    return {
+        "ASR_MODEL_DIR": str(m.model_dir),
+        "ASR_TOKENS_DIR": str(m.tokens_dir),
+        "ASR_DEFAULT_MODEL": m.name,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(conformer: NemoModel) -> Iterator[str]:
+    with running_server(model_env(conformer, ASR_MAX_DURATION_S="60")) as url:
+        yield url
+
+
+def post(url: str, data: bytes, filename: str = "audio.wav", **form: str) -> httpx.Response:
+    return httpx.post(f"{url}/transcribe", files={"file": (filename, data)}, data=form or None, timeout=120)
+
+
+def wav_bytes(x: np.ndarray, sr: int, subtype: str, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, subtype=subtype, format=fmt)
+    return buf.getvalue()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["code"] == code, err
+    assert err["message"]
+
+
+# --- happy paths -------------------------------------------------------------------------
+
+
+def test_health_root_docs(server: str) -> None:
+    h = httpx.get(f"{server}/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    root = httpx.get(f"{server}/").json()
+    assert "POST /transcribe" in root["endpoints"] and root["examples"]
+    assert httpx.get(f"{server}/docs").status_code == 200
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert "/transcribe" in spec["paths"]
+
+
+def test_transcripts_over_http_equal_nemo(server: str, conformer: NemoModel) -> None:
+    for path, expected in zip(conformer.files, conformer.transcripts, strict=True):
+        r = post(server, path.read_bytes(), path.name)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["text"] == expected, path.name
+        n = sf.info(str(path)).frames
+        assert body["duration_s"] == pytest.approx(n / 16000, abs=1e-3)
+        assert body["model"] == conformer.name and body["processing_ms"] > 0 and body["rtf"] > 0
+
+
+@pytest.mark.parametrize(
+    "subtype,channels",
+    [("PCM_24", 1), ("PCM_32", 1), ("FLOAT", 1), ("DOUBLE", 1), ("PCM_16", 2), ("PCM_24", 3)],
+)
+def test_bit_depths_and_channels_same_transcript(
+    server: str, conformer: NemoModel, subtype: str, channels: int
+) -> None:
+    """The same 16 kHz samples in a wider format, or copied to every channel, give NeMo's text."""
+    path, expected = conformer.files[1], conformer.transcripts[1]
+    x, sr = sf.read(str(path), dtype="float64")
+    data = wav_bytes(np.repeat(x[:, None], channels, axis=1), sr, subtype)
+    r = post(server, data)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == expected
+    assert r.json()["audio"]["channels"] == channels
+
+
+@pytest.mark.parametrize("rate,subtype", [(8000, "PCM_U8"), (22050, "PCM_16"), (44100, "PCM_24"), (48000, "FLOAT")])
+def test_other_sample_rates_are_resampled(
+    server: str, conformer: NemoModel, tmp_path: Path, rate: int, subtype: str
+) -> None:
+    src = conformer.files[0]
+    out = tmp_path / f"r{rate}.wav"
+    # sox does the conversion: an independent resampler, not the service's soxr call.
+    enc = ["-e", "unsigned-integer", "-b", "8"] if subtype == "PCM_U8" else []
+    subprocess.run(["sox", str(src), "-r", str(rate), *enc, str(out)], check=True)
+    if subtype in ("PCM_24", "FLOAT"):
+        x, _ = sf.read(str(out))
+        sf.write(out, x, rate, subtype=subtype)
+    r = post(server, out.read_bytes())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["audio"]["sample_rate"] == rate
+    assert body["duration_s"] == pytest.approx(sf.info(str(src)).duration, abs=0.01)
+
+
+def test_flac_is_accepted(server: str, conformer: NemoModel) -> None:
+    x, sr = sf.read(str(conformer.files[2]), dtype="int16")
+    r = post(server, wav_bytes(x, sr, "PCM_16", "FLAC"), "a.flac")
+    assert r.status_code == 200 and r.json()["text"] == conformer.transcripts[2]
+
+
+def test_stats_and_metrics_count_requests(server: str, conformer: NemoModel) -> None:
+    before = httpx.get(f"{server}/stats").json()
+    post(server, conformer.files[0].read_bytes())
+    post(server, b"")
+    after = httpx.get(f"{server}/stats").json()
+    assert after["requests"]["ok"] == before["requests"].get("ok", 0) + 1
+    assert (
+        after["requests"]["client_error"]["empty_file"]
+        == before["requests"].get("client_error", {}).get("empty_file", 0) + 1
+    )
+    assert after["audio_seconds"] > before["audio_seconds"]
+    assert after["latency_ms"]["p50"] is not None and after["mean_rtf"] > 0
+    assert after["model"]["status"] == "ready" and after["model"]["providers"] == ["CPUExecutionProvider"]
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'asr_requests_total{code="empty_file",outcome="client_error"}' in metrics
+    assert "asr_request_duration_seconds_bucket" in metrics
+
+
+def test_health_answers_while_a_long_file_decodes(server: str, conformer: NemoModel) -> None:
+    """The event loop stays free: /health is answered while a long transcription is running."""
+    x, sr = sf.read(str(conformer.files[3]), dtype="float32")
+    long = np.tile(x, int(55 * sr / x.size))  # ~55 s, under the server's 60 s limit
+    data = wav_bytes(long, sr, "PCM_16")
+    done = threading.Event()
+    result: dict[str, int] = {}
+
+    def slow() -> None:
+        result["status"] = post(server, data).status_code
+        done.set()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    answered_during = 0
+    while not done.is_set():
+        r = httpx.get(f"{server}/health", timeout=5)
+        assert r.status_code == 200
+        if not done.is_set():
+            answered_during += 1
+    t.join()
+    assert result["status"] == 200
+    assert answered_during >= 1
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_no_file(server: str) -> None:
+    assert_error(httpx.post(f"{server}/transcribe"), 400, "missing_file")
+    assert_error(httpx.post(f"{server}/transcribe", files={"audio": ("a.wav", b"x")}), 400, "missing_file")
+    assert_error(
+        httpx.post(f"{server}/transcribe", content=b"RIFF....", headers={"content-type": "audio/wav"}),
+        400,
+        "missing_file",
+    )
+
+
+def test_empty_file(server: str) -> None:
+    assert_error(post(server, b""), 400, "empty_file")
+
+
+def test_not_audio(server: str) -> None:
+    assert_error(post(server, b"this is a text file, not audio\n" * 10, "notes.wav"), 415, "unsupported_format")
+    assert_error(post(server, Path(__file__).read_bytes(), "x.wav"), 415, "unsupported_format")
+
+
+def test_truncated_wav(server: str, conformer: NemoModel) -> None:
+    data = conformer.files[0].read_bytes()
+    assert_error(post(server, data[: len(data) // 2]), 400, "truncated_audio")
+    assert_error(post(server, data[:30]), 400, "truncated_audio")
+
+
+def test_corrupt_header(server: str, conformer: NemoModel) -> None:
+    data = bytearray(conformer.files[0].read_bytes())
+    data[20:36] = b"\xff" * 16  # garbage fmt chunk: format tag, channels, rate...
+    r = post(server, bytes(data))
+    assert r.status_code in (400, 415), r.text
+    assert r.json()["error"]["code"] in ("corrupt_audio", "unsupported_format")
+
+
+def test_header_only_wav(server: str) -> None:
+    assert_error(post(server, wav_bytes(np.zeros(0, dtype=np.int16), 16000, "PCM_16")), 400, "empty_audio")
+
+
+def test_too_short(server: str) -> None:
+    assert_error(post(server, wav_bytes(np.zeros(400, dtype=np.int16), 16000, "PCM_16")), 400, "audio_too_short")
+
+
+def test_too_long(server: str) -> None:
+    # 61 s of silence against the server's 60 s limit: refused from the header, before decoding.
+    assert_error(post(server, wav_bytes(np.zeros(61 * 8000, dtype=np.int16), 8000, "PCM_16")), 413, "audio_too_long")
+
+
+def test_nan_samples(server: str) -> None:
+    x = np.zeros(16000, dtype=np.float32)
+    x[100] = np.nan
+    assert_error(post(server, wav_bytes(x, 16000, "FLOAT")), 400, "invalid_samples")
+    x[100] = np.inf
+    assert_error(post(server, wav_bytes(x, 16000, "FLOAT")), 400, "invalid_samples")
+
+
+def test_unknown_model(server: str, conformer: NemoModel) -> None:
+    assert_error(post(server, conformer.files[0].read_bytes(), model="nope"), 404, "model_not_found")
+
+
+def test_wrong_method_and_path(server: str) -> None:
+    assert_error(httpx.get(f"{server}/transcribe"), 405, "method_not_allowed")
+    assert_error(httpx.get(f"{server}/nothing-here"), 404, "not_found")
+
+
+def test_malformed_multipart(server: str) -> None:
+    r = httpx.post(
+        f"{server}/transcribe",
+        content=b"--xyz\r\nnot a part\r\n",
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+    )
+    assert 400 <= r.status_code < 500 and r.json()["error"]["message"]
+
+
+def test_too_large_upload(conformer: NemoModel) -> None:
+    with running_server(model_env(conformer, ASR_MAX_UPLOAD_MB="0.05")) as url:
+        big = np.zeros(16000 * 5, dtype=np.int16)  # 160 kB > 50 kB
+        assert_error(post(url, wav_bytes(big, 16000, "PCM_16")), 413, "file_too_large")
+        # Still serving after refusing.
+        assert post(url, wav_bytes(np.zeros(8000, dtype=np.int16), 16000, "PCM_16")).status_code == 200
+
+
+def test_broken_model_reports_503_with_reason(conformer: NemoModel, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(conformer.model_dir, models)
+    onnx = models / conformer.name / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:1000])  # cut: checksum no longer matches
+    with running_server(model_env(conformer, ASR_MODEL_DIR=str(models))) as url:
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 503 and h.json()["status"] == "failed"
+        assert "checksum" in h.json()["reason"]
+        assert_error(post(url, conformer.files[0].read_bytes()), 503, "model_unavailable")
+
+
+def test_missing_model_reports_503(conformer: NemoModel, tmp_path: Path) -> None:
+    with running_server(model_env(conformer, ASR_DEFAULT_MODEL="absent")) as url:
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 503 and "absent" in h.json()["reason"]
+
+
+def test_riff_size_unknown_is_accepted(server: str, conformer: NemoModel) -> None:
+    """Streaming writers leave the data size as 0xFFFFFFFF: not truncation."""
+    data = bytearray(conformer.files[0].read_bytes())
+    pos = data.find(b"data")
+    data[pos + 4 : pos + 8] = struct.pack("<I", 0xFFFFFFFF)
+    r = post(server, bytes(data))
+    assert r.status_code == 200, r.text
