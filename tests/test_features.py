@@ -35,7 +35,7 @@ NEMO_CONFIGS = [
 
 @pytest.fixture(scope="module")
 def nemo_features(speech_dir: Path) -> tuple[list[dict[str, object]], dict[str, np.ndarray], list[Path]]:
-    files = speech_files(speech_dir)[:6] + [speech_dir / "edge_0p5s.wav", speech_dir / "edge_odd_16001.wav"]
+    files = [*speech_files(speech_dir)[:6], speech_dir / "edge_0p5s.wav", speech_dir / "edge_odd_16001.wav"]
     configs = speech_dir / "configs.json"
     configs.write_text(json.dumps(NEMO_CONFIGS))
     work = run_nemo_cached(

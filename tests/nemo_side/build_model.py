@@ -67,7 +67,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         tokenizer_type="bpe",
         output_dir=str(work / "tokenizer"),
     )
-    a = ARCHS[arch]
+    a = ARCHS.get(arch, ARCHS["conformer"])
     cfg = {
         "sample_rate": 16000,
         "tokenizer": {"dir": str(work / "tokenizer"), "type": "bpe"},
@@ -123,6 +123,22 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         },
         "optim": {"name": "adamw", "lr": 1e-3},
     }
+    if arch == "rnnt":  # not a CTC model: the exporter must refuse it
+        from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+        cfg["model_defaults"] = {"enc_hidden": a["d_model"], "pred_hidden": 32, "joint_hidden": 32}
+        cfg["decoder"] = {
+            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
+            "prednet": {"pred_hidden": 32, "pred_rnn_layers": 1},
+        }
+        cfg["joint"] = {
+            "_target_": "nemo.collections.asr.modules.RNNTJoint",
+            "jointnet": {"joint_hidden": 32, "activation": "relu", "encoder_hidden": a["d_model"], "pred_hidden": 32},
+        }
+        cfg["decoding"] = {"strategy": "greedy_batch", "greedy": {"max_symbols": 5}}
+        model = EncDecRNNTBPEModel(cfg=OmegaConf.create(cfg))
+        model.save_to(str(out / "model.nemo"))
+        return out / "model.nemo"
     if arch == "char":
         del cfg["tokenizer"]
         cfg["labels"] = CHAR_LABELS
@@ -147,7 +163,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", choices=sorted(ARCHS), default="conformer")
+    p.add_argument("--arch", choices=[*sorted(ARCHS), "rnnt"], default="conformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=64)
     args = p.parse_args()
