@@ -2,15 +2,16 @@
 #
 #   docker build -t nemo-ctc-asr .
 #   docker run -p 8000:8000 nemo-ctc-asr
-#   docker build --build-arg ORT_PACKAGE=onnxruntime-gpu -t nemo-ctc-asr:gpu .   # CUDA hosts
+#   docker build --build-arg ORT_PACKAGE=onnxruntime-gpu==1.31.1 -t nemo-ctc-asr:gpu .   # CUDA hosts
 #   docker run --gpus all -e ASR_DEVICE=cuda -p 8000:8000 nemo-ctc-asr:gpu
 #
 # The bundled model in models/ and tokens/ is baked in; mount your own packages over them:
 #   docker run -v $PWD/models:/app/models:ro -v $PWD/tokens:/app/tokens:ro -e ASR_DEFAULT_MODEL=my_model ...
 FROM python:3.12-slim
 
-# onnxruntime (CPU) by default; onnxruntime-gpu for the CUDA execution provider.
-ARG ORT_PACKAGE=onnxruntime
+# Empty: requirements.txt's pinned onnxruntime (CPU). Set it to a requirement such as
+# onnxruntime-gpu==1.31.1 for the CUDA execution provider (its releases lag the CPU package's).
+ARG ORT_PACKAGE=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -19,8 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY requirements.txt .
-# Swap the pinned onnxruntime line for the chosen package at the same version.
-RUN sed -i "s/^onnxruntime==/${ORT_PACKAGE}==/" requirements.txt \
+RUN if [ -n "$ORT_PACKAGE" ]; then sed -i "s/^onnxruntime==.*/${ORT_PACKAGE}/" requirements.txt; fi \
     && pip install -r requirements.txt \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin asr
 

@@ -227,7 +227,7 @@ def add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
-def verify(model: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.0) -> float:
+def verify(model: Any, decoder: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.0) -> float:
     """Compare the exported graph with NeMo's forward on the same features; return max |diff|.
 
     Also checks the length formula against NeMo's encoder for a few lengths.
@@ -243,11 +243,7 @@ def verify(model: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.
     with torch.no_grad():
         feats, flen = model.preprocessor(input_signal=audio, length=torch.tensor([audio.shape[1]]))
         enc, elen = model.encoder(audio_signal=feats, length=flen)
-        ref = (
-            model.decoder(encoder_output=enc)
-            if not hasattr(model, "ctc_decoder")
-            else model.ctc_decoder(encoder_output=enc)
-        )
+        ref = decoder(encoder_output=enc)
     out = sess.run(None, {"audio_signal": feats.numpy(), "length": flen.numpy()})[0]
     if out.shape != tuple(ref.shape):
         raise ExportError(f"ONNX output shape {out.shape} differs from NeMo's {tuple(ref.shape)}")
@@ -316,7 +312,7 @@ def export(
         },
     )
 
-    max_diff = verify(model, onnx_path, sub) if check else None
+    max_diff = verify(model, decoder, onnx_path, sub) if check else None
     meta = {
         "format_version": FORMAT_VERSION,
         "name": name,

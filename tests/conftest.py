@@ -196,7 +196,7 @@ def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
     )
 
 
-@pytest.fixture(scope="session", params=["conformer", "fastconformer", "char"])
+@pytest.fixture(scope="session", params=["conformer", "fastconformer", "char", "hybrid"])
 def nemo_model(request: pytest.FixtureRequest, speech_dir: Path) -> NemoModel:
     """Each test that takes this runs once per architecture."""
     return build_nemo_model(request.param, speech_files(speech_dir))

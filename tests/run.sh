@@ -17,16 +17,24 @@ if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends espeak-ng sox
 fi
 
+# pip, with the noise of this machine's missing local index folders filtered out (errors still show).
+pipq() {
+  local log; log=$(mktemp)
+  if ! "$@" -q --disable-pip-version-check >"$log" 2>&1; then cat "$log"; rm -f "$log"; return 1; fi
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+}
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+pipq .venv/bin/python -m pip install -r requirements-dev.txt
 
 if [ ! -x .venv-export/bin/python ]; then
   "$PY" -m venv .venv-export
 fi
 if ! .venv-export/bin/python -c "import nemo.collections.asr" >/dev/null 2>&1; then
   # torch first and pinned: the CPU wheel. Letting pip pick torch for NeMo would pull CUDA builds.
-  .venv-export/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-  .venv-export/bin/python -m pip install -q --disable-pip-version-check -r requirements-export.txt
+  pipq .venv-export/bin/python -m pip install torch==2.13.0
+  pipq .venv-export/bin/python -m pip install -r requirements-export.txt
 fi
 
 echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -269,3 +269,11 @@ def test_riff_size_unknown_is_accepted(server: str, conformer: NemoModel) -> Non
     data[pos + 4 : pos + 8] = struct.pack("<I", 0xFFFFFFFF)
     r = post(server, bytes(data))
     assert r.status_code == 200, r.text
+
+
+def test_silence_and_dc_give_a_defined_result(server: str) -> None:
+    """Digital silence and a pure DC offset are valid audio: 200 with a string, never NaN or 500."""
+    for x in (np.zeros(16000, dtype=np.float32), np.full(16000, 0.5, dtype=np.float32)):
+        r = post(server, wav_bytes(x, 16000, "FLOAT"))
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["text"], str) and r.json()["rtf"] >= 0

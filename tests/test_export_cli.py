@@ -85,6 +85,8 @@ def test_package_contents(nemo_model: NemoModel) -> None:
     assert onnx_meta["subsampling_factor"] == str(meta["encoder"]["subsampling"]["factor"])
     assert onnx_meta["normalize_type"] == "per_feature"
     assert onnx_meta["model_type"] == ("EncDecCTCModel" if nemo_model.arch == "char" else "EncDecCTCModelBPE")
+    expected_class = {"char": "EncDecCTCModel", "hybrid": "EncDecHybridRNNTCTCBPEModel"}
+    assert meta["model_class"] == expected_class.get(nemo_model.arch, "EncDecCTCModelBPE")
 
 
 @pytest.mark.parametrize("seconds", [250.0])

@@ -123,8 +123,8 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         },
         "optim": {"name": "adamw", "lr": 1e-3},
     }
-    if arch == "rnnt":  # not a CTC model: the exporter must refuse it
-        from nemo.collections.asr.models import EncDecRNNTBPEModel
+    if arch in ("rnnt", "hybrid"):
+        from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel, EncDecRNNTBPEModel
 
         cfg["model_defaults"] = {"enc_hidden": a["d_model"], "pred_hidden": 32, "joint_hidden": 32}
         cfg["decoder"] = {
@@ -136,24 +136,39 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
             "jointnet": {"joint_hidden": 32, "activation": "relu", "encoder_hidden": a["d_model"], "pred_hidden": 32},
         }
         cfg["decoding"] = {"strategy": "greedy_batch", "greedy": {"max_symbols": 5}}
-        model = EncDecRNNTBPEModel(cfg=OmegaConf.create(cfg))
-        model.save_to(str(out / "model.nemo"))
-        return out / "model.nemo"
-    if arch == "char":
+        if arch == "rnnt":  # not a CTC model: the exporter must refuse it
+            EncDecRNNTBPEModel(cfg=OmegaConf.create(cfg)).save_to(str(out / "model.nemo"))
+            return out / "model.nemo"
+        # Hybrid RNNT/CTC (like stt_*_fastconformer_hybrid_*): served through its CTC head.
+        cfg["aux_ctc"] = {
+            "ctc_loss_weight": 0.3,
+            "decoder": {
+                "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+                "feat_in": a["d_model"],
+                "num_classes": -1,
+                "vocabulary": [],
+            },
+            "decoding": {"strategy": "greedy"},
+        }
+        model = EncDecHybridRNNTCTCBPEModel(cfg=OmegaConf.create(cfg))
+        ctc_head = model.ctc_decoder
+    elif arch == "char":
         del cfg["tokenizer"]
         cfg["labels"] = CHAR_LABELS
         cfg["validation_ds"]["labels"] = CHAR_LABELS
         cfg["decoder"].update(num_classes=len(CHAR_LABELS), vocabulary=CHAR_LABELS)
         model = EncDecCTCModel(cfg=OmegaConf.create(cfg))
+        ctc_head = model.decoder
     else:
         model = EncDecCTCModelBPE(cfg=OmegaConf.create(cfg))
+        ctc_head = model.decoder
     with torch.no_grad():
         # Random init gives near-constant posteriors (one token or blank everywhere). Scale the
         # subsampling convolutions (so frames differ) and the decoder (so argmax follows them).
         for mod in model.encoder.pre_encode.modules():
             if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
                 mod.weight.mul_(4.0)
-        model.decoder.decoder_layers[0].weight.mul_(8.0)
+        ctc_head.decoder_layers[0].weight.mul_(8.0)
     model.eval()
     path = out / "model.nemo"
     model.save_to(str(path))
@@ -163,7 +178,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", choices=[*sorted(ARCHS), "rnnt"], default="conformer")
+    p.add_argument("--arch", choices=[*sorted(ARCHS), "rnnt", "hybrid"], default="conformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=64)
     args = p.parse_args()

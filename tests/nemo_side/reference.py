@@ -33,6 +33,9 @@ def main() -> None:
 
     model = ASRModel.restore_from(str(args.nemo), map_location="cpu")
     model.eval()
+    hybrid = hasattr(model, "ctc_decoder")
+    if hybrid:  # serve hybrid RNNT/CTC models through the CTC head, as the export does
+        model.change_decoding_strategy(decoder_type="ctc", verbose=False)
     pre = model.preprocessor
     pre.featurizer.dither = 0.0
     pre.featurizer.pad_to = 0
@@ -48,7 +51,11 @@ def main() -> None:
             ln = torch.tensor([x.shape[0]])
             feats, flen = pre(input_signal=sig, length=ln)
             arrays[f"feat_{i}"] = feats[0, :, : int(flen[0])].numpy()
-            logprobs, enc_len, _ = model.forward(input_signal=sig, input_signal_length=ln)
+            if hybrid:
+                encoded, enc_len = model.forward(input_signal=sig, input_signal_length=ln)
+                logprobs = model.ctc_decoder(encoder_output=encoded)
+            else:
+                logprobs, enc_len, _ = model.forward(input_signal=sig, input_signal_length=ln)
             arrays[f"logprobs_{i}"] = logprobs[0, : int(enc_len[0])].numpy()
 
         # One padded batch of unequal lengths through the preprocessor.

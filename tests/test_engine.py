@@ -1,0 +1,45 @@
+"""Execution providers and threads, on this (CPU-only) onnxruntime."""
+
+from __future__ import annotations
+
+import logging
+
+import onnxruntime as ort
+import pytest
+
+from service.config import Settings, available_cpus
+from service.engine import Engine, choose_providers
+from tests.conftest import NemoModel
+
+
+def onnx_path(m: NemoModel) -> str:
+    return str(m.model_dir / m.name / "model.onnx")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build is installed")
+def test_cuda_request_falls_back_to_cpu_with_warning(conformer: NemoModel, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        e = Engine(onnx_path(conformer), device="cuda")
+    assert e.providers == ["CPUExecutionProvider"]
+    assert any("falling back to CPU" in r.message for r in caplog.records)
+
+
+def test_cpu_and_auto_on_a_cpu_build(caplog: pytest.LogCaptureFixture) -> None:
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with caplog.at_level(logging.WARNING, logger="service.engine"):
+            assert choose_providers("auto") == ["CPUExecutionProvider"]
+        assert not caplog.records  # auto quietly uses what exists
+
+
+def test_thread_settings_reach_the_session(conformer: NemoModel) -> None:
+    e = Engine(onnx_path(conformer), intra_op_threads=1, inter_op_threads=1)
+    assert e.session.get_session_options().intra_op_num_threads == 1
+    assert e.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_default_threads_follow_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ASR_INTRA_OP_THREADS", raising=False)
+    assert Settings().resolved_intra_op_threads() == available_cpus() >= 1
+    monkeypatch.setenv("ASR_INTRA_OP_THREADS", "3")
+    assert Settings().resolved_intra_op_threads() == 3
