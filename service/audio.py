@@ -18,6 +18,10 @@ import soxr
 
 from service.errors import ClientError
 
+# Float WAVs may exceed +-1 (headroom, or integer-scaled floats up to 2**23); far beyond that the
+# float32 power spectrum overflows to inf. Refuse such input instead of returning NaN garbage.
+MAX_FLOAT_PEAK = 1e8
+
 
 @dataclass(frozen=True)
 class Audio:
@@ -92,6 +96,13 @@ def load_audio(data: bytes, target_rate: int, max_duration_s: float, min_duratio
         raise ClientError(400, "empty_audio", f"the {fmt} file contains no audio samples")
     if not np.isfinite(x).all():
         raise ClientError(400, "invalid_samples", "the audio contains NaN or infinite sample values")
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak > MAX_FLOAT_PEAK:
+        raise ClientError(
+            400,
+            "invalid_samples",
+            f"sample values reach {peak:.3g}; float audio is expected near [-1, 1] (at most {MAX_FLOAT_PEAK:g})",
+        )
     duration_s = x.shape[0] / rate
     if duration_s < min_duration_s:
         raise ClientError(

@@ -218,6 +218,32 @@ def test_nan_samples(server: str) -> None:
     assert_error(post(server, wav_bytes(x, 16000, "FLOAT")), 400, "invalid_samples")
 
 
+def test_absurd_float_amplitude(server: str) -> None:
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 1e30
+    assert_error(post(server, wav_bytes(x, 16000, "FLOAT")), 400, "invalid_samples")
+
+
+@pytest.mark.parametrize(
+    "rate,channels,subtype",
+    [
+        (1, 1, "PCM_16"),
+        (3, 1, "PCM_16"),
+        (1_000_000, 1, "PCM_16"),
+        (16000, 64, "PCM_16"),
+        (8000, 1, "ULAW"),
+        (16000, 1, "IMA_ADPCM"),
+        (16000, 1, "PCM_U8"),
+    ],
+)
+def test_unusual_but_valid_wavs(server: str, rate: int, channels: int, subtype: str) -> None:
+    n = rate if rate > 100 else 30  # 1 s, or 30 samples (10-30 s) at absurdly low rates
+    x = 0.1 * np.random.default_rng(1).standard_normal((n, channels))
+    r = post(server, wav_bytes(x, rate, subtype))
+    assert r.status_code == 200, r.text
+    # ADPCM rounds up to whole blocks, so allow a few tens of milliseconds.
+    assert r.json()["duration_s"] == pytest.approx(n / rate, abs=0.05)
+
+
 def test_unknown_model(server: str, conformer: NemoModel) -> None:
     assert_error(post(server, conformer.files[0].read_bytes(), model="nope"), 404, "model_not_found")
 
