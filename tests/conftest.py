@@ -56,10 +56,13 @@ def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 def synthesize(text: str, voice: str, speed: int, out: Path, rate: int = 16000) -> Path:
-    """Speak ``text`` with espeak-ng, then convert with sox to ``rate`` Hz mono 16-bit WAV."""
+    """Speak ``text`` with espeak-ng, then convert with sox to ``rate`` Hz mono 16-bit WAV.
+
+    sox -D: no dither, so the clips are byte-identical from run to run and the NeMo cache hits.
+    """
     raw = out.with_suffix(".espeak.wav")
     _run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text])
-    _run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)])
+    _run(["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)])
     raw.unlink()
     return out
 
