@@ -139,11 +139,14 @@ def run_nemo_cached(tag: str, inputs: list[Path], steps: list[list[str]]) -> Pat
         ROOT / "export_to_onnx.py",
         ROOT / "service" / "decoding.py",
     ]
-    key = _digest(scripts + inputs, json.dumps(steps))
+    # Inputs live in per-session temp dirs: key on their names and content, not their paths.
+    where = {str(p): p.name for p in inputs}
+    key = _digest(scripts + inputs, json.dumps([[where.get(a, a) for a in step] for step in steps]))
     work = CACHE / "nemo-fixture" / f"{tag}-{key}"
     if (work / "done").exists():
         return work
-    shutil.rmtree(work, ignore_errors=True)
+    for stale in work.parent.glob(f"{tag}-*"):  # one entry per tag: the cache stays small
+        shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     for step in steps:
