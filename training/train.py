@@ -1,0 +1,203 @@
+"""Step 3: train the small English FastConformer-CTC with NeMo (CPU by default; GPU if present).
+
+A NeMo ``EncDecCTCModelBPE``: SentencePiece BPE tokenizer trained on the training text,
+FastConformer encoder (depthwise-striding subsampling x8, d_model 144, 8 layers, ~4.5 M
+parameters), CTC decoder. Resumable: checkpoints go to ``<run>/checkpoints`` (``last.ckpt``
+after every epoch and on time-out), and ``--resume`` continues from there, so a run can span
+several sessions. ``--max-minutes`` stops cleanly (Lightning ``max_time``) and still saves.
+
+Usage:
+    python -m training.train --data training/data/audio --run training/runs/en --epochs 30 \
+        --max-minutes 60 [--resume]
+Writes <run>/model.nemo at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+SEED = 1234
+VOCAB_SIZE = 256
+
+
+def model_config(data: Path, tokenizer_dir: Path, batch_duration: float) -> dict[str, Any]:
+    def ds(name: str, shuffle: bool) -> dict[str, Any]:
+        return {
+            "manifest_filepath": str(data / f"{name}.json"),
+            "sample_rate": 16000,
+            "batch_size": 16,
+            "shuffle": shuffle,
+            "num_workers": 0,
+            "pin_memory": False,
+            "max_duration": 20.0,
+            "min_duration": 0.3,
+            # Lhotse dynamic batching by total duration with length buckets: far less padding
+            # than fixed-size random batches.
+            "use_lhotse": shuffle,
+            "batch_duration": batch_duration,
+            "num_buckets": 8,
+            "shuffle_buffer_size": 2000,
+            "seed": SEED,
+        }
+
+    d_model = 144
+    return {
+        "sample_rate": 16000,
+        "tokenizer": {"dir": str(tokenizer_dir), "type": "bpe"},
+        "train_ds": ds("train", True),
+        "validation_ds": ds("val", False),
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": 16000,
+            "normalize": "per_feature",
+            "window_size": 0.025,
+            "window_stride": 0.01,
+            "window": "hann",
+            "features": 80,
+            "n_fft": 512,
+            "log": True,
+            "frame_splicing": 1,
+            "dither": 1e-5,
+            "pad_to": 0,
+            "pad_value": 0.0,
+        },
+        "spec_augment": {
+            "_target_": "nemo.collections.asr.modules.SpectrogramAugmentation",
+            "freq_masks": 2,
+            "time_masks": 2,
+            "freq_width": 20,
+            "time_width": 0.05,
+        },
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": 80,
+            "feat_out": -1,
+            "n_layers": 8,
+            "d_model": d_model,
+            "subsampling": "dw_striding",
+            "subsampling_factor": 8,
+            "subsampling_conv_channels": 128,
+            "ff_expansion_factor": 4,
+            "self_attention_model": "rel_pos",
+            "n_heads": 4,
+            "att_context_size": [-1, -1],
+            "xscaling": True,
+            "untie_biases": True,
+            "pos_emb_max_len": 5000,
+            "conv_kernel_size": 9,
+            "conv_norm_type": "batch_norm",
+            "dropout": 0.1,
+            "dropout_pre_encoder": 0.1,
+            "dropout_emb": 0.0,
+            "dropout_att": 0.1,
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+            "feat_in": d_model,
+            "num_classes": -1,
+            "vocabulary": [],
+        },
+        "optim": {
+            "name": "adamw",
+            "lr": 2e-3,
+            "betas": [0.9, 0.98],
+            "weight_decay": 1e-3,
+            "sched": {"name": "CosineAnnealing", "warmup_steps": 200, "min_lr": 2e-5},
+        },
+    }
+
+
+def train_tokenizer(data: Path, out: Path) -> Path:
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.model").exists():
+        return tok_dir
+    text = out / "tokenizer_text.txt"
+    with text.open("w") as f:
+        for line in (data / "train.json").open():
+            f.write(json.loads(line)["text"] + "\n")
+    create_spt_model(
+        str(text),
+        vocab_size=VOCAB_SIZE,
+        sample_size=-1,
+        do_lower_case=True,
+        tokenizer_type="bpe",
+        output_dir=str(tok_dir),
+    )
+    return tok_dir
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("training/data/audio"))
+    p.add_argument("--run", type=Path, default=Path("training/runs/en"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop (and checkpoint) after this long; 0 = no limit")
+    p.add_argument("--batch-duration", type=float, default=160.0, help="seconds of audio per batch")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all usable CPUs")
+    p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
+    args = p.parse_args()
+    logging.getLogger("nemo_logger").setLevel(logging.WARNING)
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from nemo.collections.asr.models import EncDecCTCModelBPE
+    from omegaconf import OmegaConf
+
+    pl.seed_everything(SEED, workers=True)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    args.run.mkdir(parents=True, exist_ok=True)
+    tok_dir = train_tokenizer(args.data, args.run)
+    cfg = OmegaConf.create(model_config(args.data.resolve(), tok_dir.resolve(), args.batch_duration))
+    # Lhotse batches by duration and has no length: give the LR schedule its step count.
+    total_s = sum(json.loads(line)["duration"] for line in (args.data / "train.json").open())
+    steps_per_epoch = max(1, int(total_s / args.batch_duration * 1.1))
+    cfg.optim.sched.max_steps = steps_per_epoch * args.epochs
+    cfg.optim.sched.warmup_steps = min(200, cfg.optim.sched.max_steps // 10)
+    (args.run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    gpu = torch.cuda.is_available()
+    ckpt = ModelCheckpoint(
+        dirpath=args.run / "checkpoints",
+        save_last=True,
+        save_top_k=1,
+        monitor="val_wer",
+        mode="min",
+        filename="best-{epoch}-{val_wer:.3f}",
+    )
+    trainer = pl.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision="bf16-mixed" if gpu else "32-true",
+        max_epochs=args.epochs,
+        max_time={"minutes": args.max_minutes} if args.max_minutes else None,
+        gradient_clip_val=1.0,
+        log_every_n_steps=10,
+        check_val_every_n_epoch=1,
+        callbacks=[ckpt],
+        logger=pl.loggers.CSVLogger(str(args.run), name="logs"),
+        enable_progress_bar=False,
+        use_distributed_sampler=False,  # lhotse samples itself
+    )
+    model = EncDecCTCModelBPE(cfg=cfg, trainer=trainer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params / 1e6:.2f} M; device: {'gpu' if gpu else 'cpu'}")
+    last = args.run / "checkpoints" / "last.ckpt"
+    trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
+
+    best = ckpt.best_model_path
+    if best:
+        model = EncDecCTCModelBPE.load_from_checkpoint(best, cfg=cfg, map_location="cpu")
+    model.save_to(str(args.run / "model.nemo"))
+    print(f"saved {args.run / 'model.nemo'} (from {best or 'last weights'})")
+
+
+if __name__ == "__main__":
+    main()
