@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -33,22 +32,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+# The runtime's own definitions of the package contract (numpy-only imports, no FastAPI).
+from service.decoding import SPACE_PIECE, Subsampling  # noqa: E402
+from service.models import sha256_file  # noqa: E402
+
 FORMAT_VERSION = 1
-# Token used in the map for SentencePiece's word-boundary marker and for a literal space in
-# character vocabularies (a token map line is "piece id", so a piece cannot be a bare space).
-SPACE_PIECE = "\u2581"
 
 
 class ExportError(Exception):
     """A problem the user can fix; printed without a traceback."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _looks_like_path(source: str) -> bool:
@@ -247,8 +240,6 @@ def verify(model: Any, decoder: Any, onnx_path: Path, sub: dict[str, Any], secon
     out = sess.run(None, {"audio_signal": feats.numpy(), "length": flen.numpy()})[0]
     if out.shape != tuple(ref.shape):
         raise ExportError(f"ONNX output shape {out.shape} differs from NeMo's {tuple(ref.shape)}")
-    from service.decoding import Subsampling  # the runtime's formula, checked against NeMo's encoder
-
     lengths = Subsampling.from_dict(sub).encoded_lengths
     if int(lengths(flen.numpy())[0]) != int(elen[0]):
         raise ExportError("the recorded subsampling does not reproduce NeMo's encoder lengths")
@@ -325,7 +316,7 @@ def export(
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "onnx": {
             "file": onnx_path.name,
-            "sha256": sha256_of(onnx_path),
+            "sha256": sha256_file(onnx_path),
             "opset": 17,
             "inputs": ["audio_signal", "length"],
             "output": "logprobs",

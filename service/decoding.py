@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-SPACE_PIECE = "\u2581"  # word-boundary marker in token maps (see export_to_onnx.py)
+# Token-map spelling of SentencePiece's word boundary, and of a literal space in character
+# vocabularies (a map line is "piece id", so a piece cannot be a bare space).
+SPACE_PIECE = "\u2581"
 
 
 @dataclass(frozen=True)

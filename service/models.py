@@ -34,7 +34,8 @@ def list_packages(model_dir: Path) -> list[str]:
     return sorted(p.name for p in model_dir.iterdir() if (p / "model.json").is_file())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (model.json records it for model.onnx)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -75,7 +76,7 @@ class ModelPackage:
             if p is not None and not p.is_file():
                 raise PackageError(f"model package '{name}' is incomplete: {p} is missing")
         expected = meta["onnx"].get("sha256")
-        if expected and _sha256(onnx_path) != expected:
+        if expected and sha256_file(onnx_path) != expected:
             raise PackageError(f"{onnx_path}: checksum differs from model.json (corrupt or replaced file)")
         return cls(name=name, meta=meta, onnx_path=onnx_path, tokens_path=tokens_path, spm_path=spm_path)
 

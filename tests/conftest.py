@@ -137,7 +137,8 @@ def run_nemo_cached(tag: str, inputs: list[Path], steps: list[list[str]]) -> Pat
     scripts = [
         *sorted((ROOT / "tests" / "nemo_side").glob("*.py")),
         ROOT / "export_to_onnx.py",
-        ROOT / "service" / "decoding.py",
+        # runtime modules the exporter imports (package contract, length formula, checksum)
+        *(ROOT / "service" / f"{m}.py" for m in ("decoding", "models", "engine", "features")),
     ]
     # Inputs live in per-session temp dirs: key on their names and content, not their paths.
     where = {str(p): p.name for p in inputs}

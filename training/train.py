@@ -156,11 +156,14 @@ def main() -> None:
     args.run.mkdir(parents=True, exist_ok=True)
     tok_dir = train_tokenizer(args.data, args.run)
     cfg = OmegaConf.create(model_config(args.data.resolve(), tok_dir.resolve(), args.batch_duration))
-    # Lhotse batches by duration and has no length: give the LR schedule its step count.
+    # NeMo's Lhotse loader repeats the data forever and batches by duration, so training is
+    # counted in steps: an "epoch" here is the number of batches that holds the corpus once.
     total_s = sum(json.loads(line)["duration"] for line in (args.data / "train.json").open())
     steps_per_epoch = max(1, int(total_s / args.batch_duration * 1.1))
-    cfg.optim.sched.max_steps = steps_per_epoch * args.epochs
-    cfg.optim.sched.warmup_steps = min(200, cfg.optim.sched.max_steps // 10)
+    max_steps = steps_per_epoch * args.epochs
+    cfg.optim.sched.max_steps = max_steps
+    cfg.optim.sched.warmup_steps = min(200, max_steps // 10)
+    val_every = max(1, min(steps_per_epoch, 250))
     (args.run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     gpu = torch.cuda.is_available()
@@ -170,17 +173,19 @@ def main() -> None:
         save_top_k=1,
         monitor="val_wer",
         mode="min",
-        filename="best-{epoch}-{val_wer:.3f}",
+        filename="best-{step}-{val_wer:.3f}",
     )
     trainer = pl.Trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=1,
         precision="bf16-mixed" if gpu else "32-true",
-        max_epochs=args.epochs,
+        max_steps=max_steps,
+        max_epochs=-1,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
         max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         gradient_clip_val=1.0,
         log_every_n_steps=10,
-        check_val_every_n_epoch=1,
         callbacks=[ckpt],
         logger=pl.loggers.CSVLogger(str(args.run), name="logs"),
         enable_progress_bar=False,
@@ -188,7 +193,10 @@ def main() -> None:
     )
     model = EncDecCTCModelBPE(cfg=cfg, trainer=trainer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"parameters: {n_params / 1e6:.2f} M; device: {'gpu' if gpu else 'cpu'}")
+    print(
+        f"parameters: {n_params / 1e6:.2f} M; device: {'gpu' if gpu else 'cpu'}; {max_steps} steps "
+        f"({args.epochs} passes over {total_s / 3600:.2f} h), validation every {val_every} steps"
+    )
     last = args.run / "checkpoints" / "last.ckpt"
     trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
 
