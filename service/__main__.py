@@ -7,7 +7,6 @@ the same settings work from the command line, the environment, or a container's 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.logs import configure as configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,16 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error", "critical"], help="log level (ASR_LOG_LEVEL)"
     )
+    p.add_argument("--log-format", choices=["json", "text"], help="json lines or plain text (ASR_LOG_FORMAT)")
     args = p.parse_args(argv)
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
+        access_log=False,  # service.app logs one structured line per request instead
+        log_config=None,  # keep the handlers configure_logging installed
     )
 
 

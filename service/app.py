@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from service.metrics import Metrics
 from service.models import ModelPackage, PackageError, Recognizer, list_packages
 
 log = logging.getLogger("service")
+access_log = logging.getLogger("service.access")
 READ_CHUNK = 1 << 20
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
 
@@ -164,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+        request.state.log_fields = {"error_code": exc.code}
         if request.url.path == "/transcribe":
             metrics.failure(exc.status, exc.code)
         return error_response(exc.status, exc.code, exc.message, exc.param)
@@ -212,6 +215,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response: Response = await call_next(request)
         return response
 
+    # Added last, so outermost: every response, early 413s included, gets an id and a log line.
+    @app.middleware("http")
+    async def _request_log(request: Request, call_next: Any) -> Response:
+        """Request id (X-Request-ID, echoed; generated when absent) and one log line per request."""
+        rid = request.headers.get("x-request-id", "")
+        if not (0 < len(rid) <= 128 and rid.isprintable()):
+            rid = uuid.uuid4().hex
+        request.state.request_id = rid
+        t0 = time.perf_counter()
+        response: Response = await call_next(request)
+        response.headers["X-Request-ID"] = rid
+        fields = {
+            "request_id": rid,
+            "method": request.method,
+            "path": request.url.path,
+            "status": response.status_code,
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+            "client": request.client.host if request.client else None,
+            **getattr(request.state, "log_fields", {}),
+        }
+        access_log.info("request", extra=fields)
+        return response
+
     @app.get("/", summary="Service information and example calls")
     async def root() -> dict[str, Any]:
         return {
@@ -231,6 +257,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f"curl http://localhost:{settings.port}/health",
             ],
         }
+
+    @app.get("/health/live", summary="Liveness: 200 while the process serves requests")
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get(
+        "/health/ready",
+        summary="Readiness (same as /health)",
+        responses={503: {"description": "loading or broken, with a reason"}},
+    )
+    async def ready() -> JSONResponse:
+        return await health()
 
     @app.get(
         "/health",
@@ -261,6 +299,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={s: {"model": ErrorBody} for s in (400, 404, 413, 415, 503)},
     )
     async def transcribe(
+        request: Request,
         file: Annotated[
             UploadFile | None, File(description="Audio file: WAV (PCM 8-32 bit or float), FLAC, OGG")
         ] = None,
@@ -286,6 +325,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audio, text = await asyncio.get_running_loop().run_in_executor(executor, work)
         elapsed = time.perf_counter() - t0
         metrics.success(elapsed, audio.duration_s)
+        request.state.log_fields = {
+            "model": state.name,
+            "audio_s": round(audio.duration_s, 3),
+            "rtf": round(elapsed / audio.duration_s, 5),
+        }
         return TranscriptionResponse(
             text=text,
             model=state.name,

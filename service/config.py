@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface to listen on")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: plain")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -303,3 +303,60 @@ def test_silence_and_dc_give_a_defined_result(server: str) -> None:
         r = post(server, wav_bytes(x, 16000, "FLOAT"))
         assert r.status_code == 200, r.text
         assert isinstance(r.json()["text"], str) and r.json()["rtf"] >= 0
+
+
+def test_liveness_readiness_and_request_ids(server: str, conformer: NemoModel) -> None:
+    assert httpx.get(f"{server}/health/live").json() == {"status": "alive"}
+    assert httpx.get(f"{server}/health/ready").status_code == 200
+    r = httpx.post(
+        f"{server}/transcribe",
+        files={"file": ("a.wav", conformer.files[0].read_bytes())},
+        headers={"X-Request-ID": "client-chosen-42"},
+    )
+    assert r.headers["X-Request-ID"] == "client-chosen-42"
+    generated = post(server, b"").headers["X-Request-ID"]
+    assert len(generated) == 32 and generated != "client-chosen-42"
+
+
+def test_one_json_log_line_per_request(conformer: NemoModel) -> None:
+    import json
+    import subprocess as sp
+    import sys
+
+    from tests.server import ROOT, free_port
+
+    port = free_port()
+    env = {**model_env(conformer), "ASR_LOG_FORMAT": "json", "ASR_LOG_LEVEL": "info", "PATH": "/usr/bin:/bin"}
+    proc = sp.Popen(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=sp.PIPE,
+        stderr=sp.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            import time
+
+            time.sleep(0.1)
+        httpx.post(
+            f"{url}/transcribe",
+            files={"file": ("a.wav", conformer.files[0].read_bytes())},
+            headers={"X-Request-ID": "rid-1"},
+        )
+        httpx.post(f"{url}/transcribe", files={"file": ("a.wav", b"")}, headers={"X-Request-ID": "rid-2"})
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == len(out.strip().splitlines())  # every line is JSON
+    reqs = {d["request_id"]: d for d in lines if d.get("msg") == "request"}
+    assert reqs["rid-1"]["status"] == 200 and reqs["rid-1"]["audio_s"] > 0 and reqs["rid-1"]["path"] == "/transcribe"
+    assert reqs["rid-2"]["status"] == 400 and reqs["rid-2"]["error_code"] == "empty_file"
