@@ -84,8 +84,6 @@ class ModelState:
     status: Literal["loading", "ready", "failed"] = "loading"
     reason: str = "model is loading"
     recognizer: Recognizer | None = None
-    load_s: float | None = None
-    warmup_ms: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
     def require(self) -> Recognizer:
@@ -112,23 +110,23 @@ def load_model(settings: Settings, state: ModelState) -> None:
         t1 = time.perf_counter()
         # Warm-up: the first run allocates buffers and picks kernels; do it before saying ready.
         rec.transcribe([np.zeros(rec.sample_rate, dtype=np.float32)])
-        state.warmup_ms = round((time.perf_counter() - t1) * 1000, 1)
     except Exception as e:  # any failure (bad package, ORT refusing the graph) must become a 503 reason
-        state.status, state.reason = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, PackageError) else str(e)
-        log.error("model %s failed to load: %s", state.name, e)
+        state.status = "failed"
+        state.reason = str(e) if isinstance(e, PackageError) else f"{type(e).__name__}: {e}"
+        log.error("model %s failed to load: %s", state.name, state.reason)
         return
+    t2 = time.perf_counter()
     state.recognizer = rec
-    state.load_s = round(time.perf_counter() - t0, 3)
     state.details = {
         **pkg.summary(),
         "providers": rec.engine.providers,
         "intra_op_threads": rec.engine.intra_op_threads,
         "inter_op_threads": rec.engine.inter_op_threads,
-        "load_s": state.load_s,
-        "warmup_ms": state.warmup_ms,
+        "load_s": round(t2 - t0, 3),
+        "warmup_ms": round((t2 - t1) * 1000, 1),
     }
     state.status, state.reason = "ready", "ok"
-    log.info("model %s ready in %.2f s (providers %s)", state.name, state.load_s, rec.engine.providers)
+    log.info("model %s ready in %.2f s (providers %s)", state.name, t2 - t0, rec.engine.providers)
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
