@@ -25,14 +25,14 @@ SEED = 1234
 VOCAB_SIZE = 128
 
 
-def model_config(data: Path, tokenizer_dir: Path, batch_duration: float) -> dict[str, Any]:
+def model_config(data: Path, tokenizer_dir: Path, batch_duration: float, num_workers: int = 0) -> dict[str, Any]:
     def ds(name: str, shuffle: bool) -> dict[str, Any]:
         return {
             "manifest_filepath": str(data / f"{name}.json"),
             "sample_rate": 16000,
             "batch_size": 16,
             "shuffle": shuffle,
-            "num_workers": 0,
+            "num_workers": num_workers,
             "pin_memory": False,
             "max_duration": 20.0,
             "min_duration": 0.3,
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and checkpoint) after this long; 0 = no limit")
     p.add_argument("--batch-duration", type=float, default=80.0, help="seconds of audio per batch")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers (0 suits 2 CPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all usable CPUs")
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
     args = p.parse_args()
@@ -155,7 +156,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     args.run.mkdir(parents=True, exist_ok=True)
     tok_dir = train_tokenizer(args.data, args.run)
-    cfg = OmegaConf.create(model_config(args.data.resolve(), tok_dir.resolve(), args.batch_duration))
+    cfg = OmegaConf.create(model_config(args.data.resolve(), tok_dir.resolve(), args.batch_duration, args.num_workers))
     # NeMo's Lhotse loader repeats the data forever and batches by duration, so training is
     # counted in steps: an "epoch" here is the number of batches that holds the corpus once.
     total_s = sum(json.loads(line)["duration"] for line in (args.data / "train.json").open())
