@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and checkpoint) after this long; 0 = no limit")
     p.add_argument("--batch-duration", type=float, default=80.0, help="seconds of audio per batch")
+    p.add_argument("--val-every", type=int, default=250, help="validate every N steps (at most once a pass)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers (0 suits 2 CPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all usable CPUs")
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
@@ -166,7 +167,7 @@ def main() -> None:
     # A gentle warm-up: with a fast one (200 steps to 2e-3) this model sat on the CTC blank
     # plateau for 550+ steps without learning.
     cfg.optim.sched.warmup_steps = min(600, max_steps // 8)
-    val_every = max(1, min(steps_per_epoch, 250))
+    val_every = max(1, min(steps_per_epoch, args.val_every))
     (args.run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     gpu = torch.cuda.is_available()
