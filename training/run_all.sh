@@ -7,7 +7,7 @@
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=6000; EPOCHS=40; MAXMIN=0; NAME=en_synth_fastconformer_ctc
+TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc
 while [ $# -gt 0 ]; do
   case $1 in
     --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
