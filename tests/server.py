@@ -24,9 +24,12 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    env: dict[str, str] | None = None, wait_ready: bool = True, timeout_s: float = 60.0
+    env: dict[str, str] | None = None, wait_ready: bool = True, timeout_s: float = 60.0, output: list[str] | None = None
 ) -> Iterator[str]:
-    """Run ``python -m service`` with ``env`` (ASR_* settings); yield its base URL."""
+    """Run ``python -m service`` with ``env`` (ASR_* settings); yield its base URL.
+
+    When ``output`` is given, the server's stdout+stderr is appended to it after it stops.
+    """
     port = free_port()
     full_env = {**os.environ, "ASR_LOG_LEVEL": "warning", **(env or {})}
     proc = subprocess.Popen(
@@ -60,6 +63,9 @@ def running_server(
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            out = proc.communicate(timeout=15)[0]
         except subprocess.TimeoutExpired:
             proc.kill()
+            out = proc.communicate()[0]
+        if output is not None:
+            output.append(out or "")

@@ -320,43 +320,18 @@ def test_liveness_readiness_and_request_ids(server: str, conformer: NemoModel) -
 
 def test_one_json_log_line_per_request(conformer: NemoModel) -> None:
     import json
-    import subprocess as sp
-    import sys
 
-    from tests.server import ROOT, free_port
-
-    port = free_port()
-    env = {**model_env(conformer), "ASR_LOG_FORMAT": "json", "ASR_LOG_LEVEL": "info", "PATH": "/usr/bin:/bin"}
-    proc = sp.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=sp.PIPE,
-        stderr=sp.STDOUT,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            import time
-
-            time.sleep(0.1)
+    logs: list[str] = []
+    env = model_env(conformer, ASR_LOG_FORMAT="json", ASR_LOG_LEVEL="info")
+    with running_server(env, output=logs) as url:
         httpx.post(
             f"{url}/transcribe",
             files={"file": ("a.wav", conformer.files[0].read_bytes())},
             headers={"X-Request-ID": "rid-1"},
         )
         httpx.post(f"{url}/transcribe", files={"file": ("a.wav", b"")}, headers={"X-Request-ID": "rid-2"})
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=15)[0]
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(lines) == len(out.strip().splitlines())  # every line is JSON
+    out = logs[0].strip().splitlines()
+    lines = [json.loads(line) for line in out]  # every line is JSON (json.loads raises otherwise)
     reqs = {d["request_id"]: d for d in lines if d.get("msg") == "request"}
     assert reqs["rid-1"]["status"] == 200 and reqs["rid-1"]["audio_s"] > 0 and reqs["rid-1"]["path"] == "/transcribe"
     assert reqs["rid-2"]["status"] == 400 and reqs["rid-2"]["error_code"] == "empty_file"
