@@ -154,10 +154,9 @@ class FeatureExtractor:
 
     def min_samples(self) -> int:
         """Shortest signal that yields at least two valid frames (normalization needs >= 2)."""
-        n = 1
-        while self.num_frames(n) < 2:
-            n += 1
-        return n
+        c = self.cfg
+        extra = 1 if c.framing == "reflect_pad" else 0
+        return max(1, (2 - extra) * c.hop_length + c.n_fft - 2 * (self._edge_pad or self._stft_pad))
 
     def __call__(self, audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Features [n_mels, num_frames(len(audio))] of one mono float32 signal."""

@@ -124,6 +124,10 @@ def test_frame_counts_follow_framing() -> None:
         assert new.num_frames(n) == n // 160
         assert old.num_frames(n) == n // 160 + 1
         assert new(np.zeros(n, dtype=np.float32)).shape == (80, n // 160)
+    exact = FeatureExtractor(FeatureConfig(**base, exact_pad=True))
+    for fe in (new, old, exact):  # the shortest input with the two frames normalization needs
+        m = fe.min_samples()
+        assert fe.num_frames(m) == 2 and fe.num_frames(m - 1) < 2
 
 
 def test_silence_gives_finite_features() -> None:
