@@ -233,7 +233,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "client": request.client.host if request.client else None,
             **getattr(request.state, "log_fields", {}),
         }
-        access_log.info("request", extra=fields)
+        # Probes and scrapes arrive every few seconds: keep them out of the info log when healthy.
+        quiet = response.status_code == 200 and request.url.path.startswith(("/health", "/metrics"))
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)
         return response
 
     @app.get("/", summary="Service information and example calls")

@@ -335,3 +335,4 @@ def test_one_json_log_line_per_request(conformer: NemoModel) -> None:
     reqs = {d["request_id"]: d for d in lines if d.get("msg") == "request"}
     assert reqs["rid-1"]["status"] == 200 and reqs["rid-1"]["audio_s"] > 0 and reqs["rid-1"]["path"] == "/transcribe"
     assert reqs["rid-2"]["status"] == 400 and reqs["rid-2"]["error_code"] == "empty_file"
+    assert not any(d.get("path") == "/health" for d in reqs.values())  # healthy probes log at debug
