@@ -160,7 +160,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="CPU-first speech recognition for NVIDIA NeMo CTC models exported to ONNX.",
         lifespan=lifespan,
     )
-    app.state.settings, app.state.model, app.state.metrics = settings, state, metrics
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
