@@ -335,4 +335,6 @@ def test_one_json_log_line_per_request(conformer: NemoModel) -> None:
     reqs = {d["request_id"]: d for d in lines if d.get("msg") == "request"}
     assert reqs["rid-1"]["status"] == 200 and reqs["rid-1"]["audio_s"] > 0 and reqs["rid-1"]["path"] == "/transcribe"
     assert reqs["rid-2"]["status"] == 400 and reqs["rid-2"]["error_code"] == "empty_file"
-    assert not any(d.get("path") == "/health" for d in reqs.values())  # healthy probes log at debug
+    # Healthy probes log at debug. The 503s that running_server's readiness polling may get
+    # while the model loads are logged at info on purpose (an operator wants to see those).
+    assert not any(d.get("path") == "/health" and d["status"] == 200 for d in reqs.values())
