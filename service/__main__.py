@@ -7,7 +7,10 @@ the same settings work from the command line, the environment, or a container's 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -15,6 +18,17 @@ import uvicorn
 from service.app import create_app
 from service.config import Settings
 from service.logs import configure as configure_logging
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, plus: readiness answers 503 "draining" from the moment SIGTERM arrives."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.app
+        if hasattr(app, "state") and not app.state.draining:
+            app.state.draining = True
+            logging.getLogger("service").info("signal %d: draining, then exiting", sig)
+        super().handle_exit(sig, frame)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,15 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        # SIGTERM/SIGINT: uvicorn stops accepting, lets in-flight requests finish for at most
+        # this long, then runs the app's shutdown (queued jobs are refused, threads joined).
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         access_log=False,  # service.app logs one structured line per request instead
         log_config=None,  # keep the handlers configure_logging installed
     )
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

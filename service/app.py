@@ -1,27 +1,33 @@
 """The REST service: FastAPI app factory, routes, error handling, model lifecycle.
 
 The model loads in the background after the server starts, so ``/health`` answers 503
-("loading") at once and 200 only after a warm-up inference. CPU work (decode, features,
-ONNX Runtime, decoding) runs in a single-thread executor: the event loop stays free for
-``/health`` and uploads, and ONNX Runtime's own intra-op threads use the cores without
-being oversubscribed by concurrent runs.
+("loading") at once and 200 only after a warm-up inference. Each request then goes:
+admission (a bounded number per model, else 503 ``queue_full``) -> upload read (size-limited
+while it streams in, ``BodyLimit``) -> decode + resample (a small "prep" executor) -> the
+model's micro-batching ``Scheduler`` (features, ONNX Runtime and greedy CTC for a padded batch
+in the inference executor) -> JSON. The event loop never computes, so ``/health`` and
+uploads stay responsive while batches run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import math
+import resource
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -33,11 +39,14 @@ from service.config import Settings
 from service.errors import ClientError, ServiceUnavailable
 from service.metrics import Metrics
 from service.models import ModelPackage, PackageError, Recognizer, list_packages
+from service.scheduler import DeadlineExceeded, Scheduler
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
 READ_CHUNK = 1 << 20
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapes: no API key unless ASR_AUTH_ALL_ENDPOINTS
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")  # never secret
 
 
 class ErrorDetail(BaseModel):
@@ -71,7 +80,9 @@ class TranscriptionResponse(BaseModel):
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else ("service_unavailable" if status == 503 else "server_error")
+    kind = (
+        "invalid_request_error" if status < 500 else ("service_unavailable" if status in (503, 504) else "server_error")
+    )
     body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -84,11 +95,12 @@ class ModelState:
     status: Literal["loading", "ready", "failed"] = "loading"
     reason: str = "model is loading"
     recognizer: Recognizer | None = None
+    scheduler: Scheduler | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
-    def require(self) -> Recognizer:
-        if self.status == "ready" and self.recognizer is not None:
-            return self.recognizer
+    def require(self) -> Scheduler:
+        if self.status == "ready" and self.scheduler is not None:
+            return self.scheduler
         if self.status == "loading":
             raise ServiceUnavailable("model_loading", f"model '{self.name}' is loading; retry shortly", 2)
         raise ServiceUnavailable("model_unavailable", f"model '{self.name}' failed to load: {self.reason}")
@@ -101,7 +113,7 @@ def pick_default_model(settings: Settings) -> str:
     return names[0] if names else "(none)"
 
 
-def load_model(settings: Settings, state: ModelState) -> None:
+def load_model(settings: Settings, state: ModelState) -> Recognizer | None:
     """Open the package, build the recognizer, run a warm-up inference (in the executor)."""
     t0 = time.perf_counter()
     try:
@@ -114,9 +126,8 @@ def load_model(settings: Settings, state: ModelState) -> None:
         state.status = "failed"
         state.reason = str(e) if isinstance(e, PackageError) else f"{type(e).__name__}: {e}"
         log.error("model %s failed to load: %s", state.name, state.reason)
-        return
+        return None
     t2 = time.perf_counter()
-    state.recognizer = rec
     state.details = {
         **pkg.summary(),
         "providers": rec.engine.providers,
@@ -125,8 +136,8 @@ def load_model(settings: Settings, state: ModelState) -> None:
         "load_s": round(t2 - t0, 3),
         "warmup_ms": round((t2 - t1) * 1000, 1),
     }
-    state.status, state.reason = "ready", "ok"
-    log.info("model %s ready in %.2f s (providers %s)", state.name, t2 - t0, rec.engine.providers)
+    log.info("model %s loaded in %.2f s (providers %s)", state.name, t2 - t0, rec.engine.providers)
+    return rec
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -140,19 +151,121 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client goes away (the body is read by then, so only a disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def request_deadline(request: Request, default_s: float) -> float:
+    """Monotonic deadline for waiting in the queue: X-Request-Timeout (seconds) or the server default."""
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return time.monotonic() + default_s if default_s > 0 else math.inf
+    try:
+        timeout_s = float(raw)
+    except ValueError:
+        timeout_s = math.nan
+    if not (0 < timeout_s < 86400):
+        raise ClientError(
+            400, "invalid_timeout", f"X-Request-Timeout must be seconds in (0, 86400), got {raw!r}", "X-Request-Timeout"
+        )
+    return time.monotonic() + timeout_s
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body past ``limit`` bytes with 413 while it streams in.
+
+    A declared Content-Length over the limit is refused before any byte is read; a chunked body
+    is counted as it arrives and cut off at the limit, so a 2 GB upload is never read (or spooled
+    to disk) whole.
+    """
+
+    def __init__(self, app: Any, limit: int, on_reject: Callable[[], None]):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen, over, sent = 0, False, False
+
+        async def counting_receive() -> Any:
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise BodyTooLarge
+            return msg
+
+        async def guarded_send(msg: Any) -> None:
+            nonlocal sent
+            if over:
+                return  # the app's answer to a cut-off body is replaced by the 413 below
+            sent = True
+            await send(msg)
+
+        with suppress(BodyTooLarge):  # usually the app turns it into an answer guarded_send drops
+            await self.app(scope, counting_receive, guarded_send)
+        if over and not sent:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Any, receive: Any, send: Any) -> None:
+        self.on_reject()
+        mb = (self.limit - MULTIPART_OVERHEAD) / 1e6
+        resp = error_response(413, "file_too_large", f"request body exceeds the {mb:g} MB upload limit", "file")
+        await resp(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     state = ModelState(name=pick_default_model(settings))
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-infer")
+    api_keys = [k.encode() for k in settings.all_api_keys()]
+    # Inference: one thread per worker (each batch uses ONNX Runtime's intra-op threads).
+    # Prep: decoding and resampling uploads, kept off the event loop and out of the batch path.
+    infer_pool = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="asr-infer")
+    prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-prep")
+
+    async def start_model() -> None:
+        rec = await asyncio.get_running_loop().run_in_executor(infer_pool, load_model, settings, state)
+        if rec is not None:
+            sched = Scheduler(
+                rec,
+                infer_pool,
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_ms=settings.max_queue_delay_ms,
+                capacity=settings.queue_size,
+                workers=settings.inference_workers,
+                on_batch=lambda b: metrics.batch(state.name, b),
+            )
+            sched.start()
+            metrics.watch_queue(state.name, lambda: sched.queued, lambda: sched.admitted)
+            state.recognizer, state.scheduler = rec, sched
+            state.status, state.reason = "ready", "ok"
+        metrics.ready.labels(state.name).set(1 if state.status == "ready" else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(executor, load_model, settings, state)
-        task.add_done_callback(lambda _: metrics.ready.set(1 if state.status == "ready" else 0))
+        loader = asyncio.create_task(start_model())
         yield
-        executor.shutdown(wait=True, cancel_futures=True)
+        # uvicorn has stopped accepting and let in-flight requests finish (ASR_SHUTDOWN_TIMEOUT_S).
+        loader.cancel()
+        if state.scheduler is not None:
+            await state.scheduler.stop()
+        infer_pool.shutdown(wait=True, cancel_futures=True)
+        prep_pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
         title="NeMo CTC speech-to-text",
@@ -160,19 +273,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="CPU-first speech recognition for NVIDIA NeMo CTC models exported to ONNX.",
         lifespan=lifespan,
     )
+    app.state.draining = False  # set by the SIGTERM handler (service.__main__): readiness goes 503
+
+    def count_failure(request: Request, status: int, code: str) -> None:
+        if request.url.path == "/transcribe":
+            metrics.failure(state.name, status, code)
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
         request.state.log_fields = {"error_code": exc.code}
-        if request.url.path == "/transcribe":
-            metrics.failure(exc.status, exc.code)
+        count_failure(request, exc.status, exc.code)
         return error_response(exc.status, exc.code, exc.message, exc.param)
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
-        metrics.failure(503, exc.code)
+        request.state.log_fields = {"error_code": exc.code}
+        count_failure(request, 503, exc.code)
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
         return error_response(503, exc.code, exc.message, headers=headers)
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        request.state.log_fields = {"error_code": "deadline_exceeded"}
+        count_failure(request, 504, "deadline_exceeded")
+        return error_response(
+            504,
+            "deadline_exceeded",
+            f"the request waited {exc.waited_s:.2f} s in the queue without reaching compute; "
+            "the server is busy: retry later, or allow more time with X-Request-Timeout",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -180,8 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         first = errs[0] if errs else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body", "query"))
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(first.get("msg", "invalid request"))
-        if request.url.path == "/transcribe":
-            metrics.failure(400, "invalid_request")
+        count_failure(request, 400, "invalid_request")
         return error_response(400, "invalid_request", msg, loc or None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -192,36 +320,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        metrics.failure(500, "internal_error")
+        count_failure(request, 500, "internal_error")
         return error_response(500, "internal_error", "internal error; the server log has the details")
 
-    @app.middleware("http")
-    async def _early_size_check(request: Request, call_next: Any) -> Response:
-        """Refuse an oversized body from its Content-Length, before reading any of it."""
-        cl = request.headers.get("content-length")
-        if (
-            request.method == "POST"
-            and cl
-            and cl.isdigit()
-            and int(cl) > settings.max_upload_bytes + MULTIPART_OVERHEAD
-        ):
-            metrics.failure(413, "file_too_large")
-            return error_response(
-                413, "file_too_large", f"request body exceeds the {settings.max_upload_mb:g} MB upload limit", "file"
-            )
-        response: Response = await call_next(request)
-        return response
+    # Middleware, innermost first: body limit -> API key -> request log -> CORS (outermost).
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        on_reject=lambda: metrics.failure(state.name, 413, "file_too_large"),
+    )
 
-    # Added last, so outermost: every response, early 413s included, gets an id and a log line.
     @app.middleware("http")
-    async def _request_log(request: Request, call_next: Any) -> Response:
+    async def _api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        if (
+            not api_keys
+            or request.method == "OPTIONS"
+            or path in PUBLIC_PATHS
+            or (path.startswith(OPEN_PATHS) and not settings.auth_all_endpoints)
+        ):
+            return await call_next(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            request.state.log_fields = {"error_code": "missing_api_key"}
+            return error_response(
+                401,
+                "missing_api_key",
+                "this server requires an API key: send 'Authorization: Bearer <key>'",
+                "Authorization",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        # Compare with every key in constant time, so timing does not reveal a key's prefix.
+        if not any([hmac.compare_digest(token.strip().encode(), k) for k in api_keys]):
+            request.state.log_fields = {"error_code": "invalid_api_key"}
+            return error_response(403, "invalid_api_key", "the API key is not valid", "Authorization")
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def _request_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         """Request id (X-Request-ID, echoed; generated when absent) and one log line per request."""
         rid = request.headers.get("x-request-id", "")
         if not (0 < len(rid) <= 128 and rid.isprintable()):
             rid = uuid.uuid4().hex
         request.state.request_id = rid
         t0 = time.perf_counter()
-        response: Response = await call_next(request)
+        response = await call_next(request)
         response.headers["X-Request-ID"] = rid
         fields = {
             "request_id": rid,
@@ -232,10 +375,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "client": request.client.host if request.client else None,
             **getattr(request.state, "log_fields", {}),
         }
+        if response.status_code == 413 and "error_code" not in fields:
+            fields["error_code"] = "file_too_large"  # refused by BodyLimit, below the routes
         # Probes and scrapes arrive every few seconds: keep them out of the info log when healthy.
         quiet = response.status_code == 200 and request.url.path.startswith(("/health", "/metrics"))
         access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)
         return response
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
 
     @app.get("/", summary="Service information and example calls")
     async def root() -> dict[str, Any]:
@@ -246,8 +400,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "status": state.status,
             "endpoints": {
                 "POST /transcribe": "multipart field 'file': audio (WAV/FLAC/OGG) -> JSON transcript",
-                "GET /health": "200 when the model is loaded and warmed up, else 503 with a reason",
-                "GET /stats": "request counts, latency percentiles, real-time factor, model details",
+                "GET /health": "readiness: 200 when the model is loaded and warmed up, else 503 with a reason",
+                "GET /health/live": "liveness: 200 while the process serves requests",
+                "GET /stats": "per-model requests, queue, latency percentiles, batch sizes, RTF; RSS, uptime",
                 "GET /metrics": "Prometheus text format",
                 "GET /docs": "OpenAPI documentation",
             },
@@ -264,7 +419,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/health/ready",
         summary="Readiness (same as /health)",
-        responses={503: {"description": "loading or broken, with a reason"}},
+        responses={503: {"description": "loading, broken or shutting down, with a reason"}},
     )
     async def ready() -> JSONResponse:
         return await health()
@@ -272,9 +427,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/health",
         summary="Readiness: 200 once the model is loaded and warmed up",
-        responses={503: {"description": "loading or broken, with a reason"}},
+        responses={503: {"description": "loading, broken or shutting down, with a reason"}},
     )
     async def health() -> JSONResponse:
+        if app.state.draining:
+            body = {"status": "draining", "model": state.name, "reason": "the server is shutting down"}
+            return JSONResponse(body, status_code=503)
         if state.status == "ready":
             return JSONResponse({"status": "ok", "model": state.name})
         return JSONResponse(
@@ -283,9 +441,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"Retry-After": "2"} if state.status == "loading" else None,
         )
 
-    @app.get("/stats", summary="Request counts, latency percentiles, RTF, uptime, model details")
+    @app.get("/stats", summary="Per-model requests, queue, latencies, batch sizes, RTF; process RSS, uptime")
     async def stats() -> dict[str, Any]:
-        return {**metrics.snapshot(), "model": {"status": state.status, "name": state.name, **state.details}}
+        sched = state.scheduler
+        queue = (
+            {
+                "depth": sched.queued,
+                "max_depth": sched.max_queued,
+                "in_progress": sched.admitted,
+                "capacity": sched.capacity,
+                "max_batch_size": sched.max_batch_size,
+                "max_queue_delay_ms": settings.max_queue_delay_ms,
+                "workers": sched.workers,
+            }
+            if sched
+            else None
+        )
+        model = {"status": state.status, "reason": state.reason, **state.details, "queue": queue}
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return {
+            **metrics.process_snapshot(),
+            "peak_rss_mb": round(peak_rss_mb, 1),
+            "default_model": state.name,
+            "models": {state.name: {**model, **metrics.model_snapshot(state.name)}},
+        }
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
@@ -295,7 +474,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/transcribe",
         response_model=TranscriptionResponse,
         summary="Transcribe one audio file",
-        responses={s: {"model": ErrorBody} for s in (400, 404, 413, 415, 503)},
+        responses={s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 503, 504)},
     )
     async def transcribe(
         request: Request,
@@ -303,7 +482,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             UploadFile | None, File(description="Audio file: WAV (PCM 8-32 bit or float), FLAC, OGG")
         ] = None,
         model: Annotated[str | None, Form(description="Model name; default: the served model")] = None,
-    ) -> TranscriptionResponse:
+    ) -> TranscriptionResponse | JSONResponse:
         t0 = time.perf_counter()
         if file is None:
             raise ClientError(400, "missing_file", "send the audio as multipart/form-data in a field named 'file'")
@@ -311,26 +490,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ClientError(
                 404, "model_not_found", f"model '{model}' is not served (available: {state.name})", "model"
             )
-        rec = state.require()
-        data = await read_upload(file, settings.max_upload_bytes)
-        max_s = min(settings.max_duration_s, rec.max_audio_s)
-        # Never below what the features need (two frames for normalization).
-        min_s = max(settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
-
-        def work() -> tuple[Any, str]:
-            audio = load_audio(data, rec.sample_rate, max_s, min_s)
-            return audio, rec.transcribe([audio.samples])[0].text
-
-        audio, text = await asyncio.get_running_loop().run_in_executor(executor, work)
+        deadline = request_deadline(request, settings.request_timeout_s)
+        sched = state.require()
+        rec = sched.recognizer
+        loop = asyncio.get_running_loop()
+        with sched.slot():
+            data = await read_upload(file, settings.max_upload_bytes)
+            max_s = min(settings.max_duration_s, rec.max_audio_s)
+            # Never below what the features need (two frames for normalization).
+            min_s = max(settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
+            audio = await loop.run_in_executor(prep_pool, load_audio, data, rec.sample_rate, max_s, min_s)
+            del data
+            job = asyncio.ensure_future(sched.transcribe(audio.samples, deadline))
+            gone = asyncio.ensure_future(wait_disconnect(request))
+            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not job.done():  # the client went away: its queued work is dropped
+                job.cancel()
+                request.state.log_fields = {"error_code": "client_disconnected"}
+                metrics.failure(state.name, 499, "client_disconnected")
+                return error_response(499, "client_disconnected", "the client closed the connection")
+            result = job.result()  # DeadlineExceeded -> 504 (handler above)
         elapsed = time.perf_counter() - t0
-        metrics.success(elapsed, audio.duration_s)
+        metrics.success(state.name, elapsed, audio.duration_s)
         request.state.log_fields = {
             "model": state.name,
             "audio_s": round(audio.duration_s, 3),
             "rtf": round(elapsed / audio.duration_s, 5),
         }
         return TranscriptionResponse(
-            text=text,
+            text=result.text,
             model=state.name,
             language=rec.package.meta.get("language"),
             duration_s=round(audio.duration_s, 4),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,14 +50,53 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(100.0, gt=0, description="Largest accepted upload, in MB")
     max_duration_s: float = Field(300.0, gt=0, description="Longest accepted audio, in seconds")
     min_duration_s: float = Field(0.1, ge=0, description="Shortest accepted audio, in seconds")
+    max_batch_size: int = Field(8, ge=1, description="Most requests run together in one padded batch")
+    max_queue_delay_ms: float = Field(
+        10.0, ge=0, description="Longest a request waits for company before its batch starts anyway"
+    )
+    queue_size: int = Field(
+        64, ge=1, description="Requests admitted at once per model (uploading, queued or computing); beyond: 503"
+    )
+    inference_workers: int = Field(
+        1, ge=1, description="Batches computed at once; ONNX Runtime's intra-op threads are split among them"
+    )
+    request_timeout_s: float = Field(
+        60.0, ge=0, description="Longest a request may wait for compute (0 = no limit); X-Request-Timeout overrides"
+    )
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated keys; when set, requests need Authorization: Bearer KEY"
+    )
+    api_keys_file: Path | None = Field(None, description="File with one API key per line (joins ASR_API_KEYS)")
+    auth_all_endpoints: bool = Field(
+        False, description="Also require the key for /health* and /metrics (open by default, for probes)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS ('*' for any); empty: CORS off"
+    )
     host: str = Field("0.0.0.0", description="Interface to listen on")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: plain")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    def all_api_keys(self) -> list[str]:
+        """ASR_API_KEYS plus the lines of ASR_API_KEYS_FILE (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                if (k := line.strip()) and not k.startswith("#"):
+                    keys.append(k)
+        return keys
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
 
     def resolved_intra_op_threads(self) -> int:
-        return self.intra_op_threads or available_cpus()
+        """Per inference worker: the usable CPUs shared among the workers, unless set explicitly."""
+        return self.intra_op_threads or max(1, available_cpus() // self.inference_workers)

@@ -119,21 +119,37 @@ def test_flac_is_accepted(server: str, conformer: NemoModel) -> None:
 
 
 def test_stats_and_metrics_count_requests(server: str, conformer: NemoModel) -> None:
-    before = httpx.get(f"{server}/stats").json()
+    def model_stats() -> dict:
+        return httpx.get(f"{server}/stats").json()["models"][conformer.name]
+
+    before = model_stats()
     post(server, conformer.files[0].read_bytes())
     post(server, b"")
-    after = httpx.get(f"{server}/stats").json()
+    stats = httpx.get(f"{server}/stats").json()
+    after = stats["models"][conformer.name]
     assert after["requests"]["ok"] == before["requests"].get("ok", 0) + 1
     assert (
         after["requests"]["client_error"]["empty_file"]
         == before["requests"].get("client_error", {}).get("empty_file", 0) + 1
     )
     assert after["audio_seconds"] > before["audio_seconds"]
-    assert after["latency_ms"]["p50"] is not None and after["mean_rtf"] > 0
-    assert after["model"]["status"] == "ready" and after["model"]["providers"] == ["CPUExecutionProvider"]
+    assert after["batches"] == before["batches"] + 1  # the empty file never reached the scheduler
+    for key in ("latency_ms", "queue_wait_ms", "batch_compute_ms"):
+        assert after[key]["p50"] is not None and after[key]["p50"] <= after[key]["p99"], key
+    assert after["mean_rtf"] > 0 and after["mean_batch_size"] >= 1
+    assert after["status"] == "ready" and after["providers"] == ["CPUExecutionProvider"]
+    assert after["queue"]["depth"] == 0 and after["queue"]["capacity"] == 64
+    assert stats["default_model"] == conformer.name and stats["uptime_s"] > 0
+    assert 50 < stats["rss_mb"] <= stats["peak_rss_mb"] < 4096
     metrics = httpx.get(f"{server}/metrics").text
-    assert 'asr_requests_total{code="empty_file",outcome="client_error"}' in metrics
-    assert "asr_request_duration_seconds_bucket" in metrics
+    m = conformer.name
+    assert f'asr_requests_total{{code="empty_file",model="{m}",outcome="client_error"}} ' in metrics
+    assert f'asr_requests_total{{code="",model="{m}",outcome="ok"}} ' in metrics
+    for name in ("asr_request_duration_seconds", "asr_queue_wait_seconds", "asr_batch_compute_seconds", "asr_batch_size"):
+        assert f'{name}_bucket{{le="+Inf",model="{m}"}} ' in metrics, name
+    assert f'asr_queue_depth{{model="{m}"}} 0.0' in metrics
+    assert f'asr_model_ready{{model="{m}"}} 1.0' in metrics
+    assert "process_resident_memory_bytes " in metrics
 
 
 def test_health_answers_while_a_long_file_decodes(server: str, conformer: NemoModel) -> None:
