@@ -24,11 +24,16 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    env: dict[str, str] | None = None, wait_ready: bool = True, timeout_s: float = 60.0, output: list[str] | None = None
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    timeout_s: float = 60.0,
+    output: list[str] | None = None,
+    process: list[subprocess.Popen[str]] | None = None,
 ) -> Iterator[str]:
     """Run ``python -m service`` with ``env`` (ASR_* settings); yield its base URL.
 
-    When ``output`` is given, the server's stdout+stderr is appended to it after it stops.
+    When ``output`` is given, the server's stdout+stderr is appended to it after it stops;
+    ``process`` receives the server's ``Popen`` (to signal it).
     """
     port = free_port()
     full_env = {**os.environ, "ASR_LOG_LEVEL": "warning", **(env or {})}
@@ -40,7 +45,11 @@ def running_server(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    if process is not None:
+        process.append(proc)
     url = f"http://127.0.0.1:{port}"
+    keys = full_env.get("ASR_API_KEYS", "").split(",")
+    probe = {"Authorization": f"Bearer {keys[0].strip()}"} if keys[0].strip() else None  # ASR_AUTH_ALL_ENDPOINTS
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -49,7 +58,7 @@ def running_server(
                     f"server exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}"
                 )
             try:
-                r = httpx.get(f"{url}/health", timeout=2)
+                r = httpx.get(f"{url}/health", timeout=2, headers=probe)
                 if r.status_code == 200 or (not wait_ready and r.status_code == 503):
                     break
                 if r.status_code == 503 and r.json().get("status") == "failed":

@@ -145,7 +145,12 @@ def test_stats_and_metrics_count_requests(server: str, conformer: NemoModel) -> 
     m = conformer.name
     assert f'asr_requests_total{{code="empty_file",model="{m}",outcome="client_error"}} ' in metrics
     assert f'asr_requests_total{{code="",model="{m}",outcome="ok"}} ' in metrics
-    for name in ("asr_request_duration_seconds", "asr_queue_wait_seconds", "asr_batch_compute_seconds", "asr_batch_size"):
+    for name in (
+        "asr_request_duration_seconds",
+        "asr_queue_wait_seconds",
+        "asr_batch_compute_seconds",
+        "asr_batch_size",
+    ):
         assert f'{name}_bucket{{le="+Inf",model="{m}"}} ' in metrics, name
     assert f'asr_queue_depth{{model="{m}"}} 0.0' in metrics
     assert f'asr_model_ready{{model="{m}"}} 1.0' in metrics
