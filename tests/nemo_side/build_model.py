@@ -6,7 +6,7 @@ encoder, decoder and decoding are NeMo's code, so it is the honest reference for
 Some weights are scaled up so that the per-frame argmax varies and transcripts are varied,
 non-trivial strings rather than one repeated token.
 
-Usage: python tests/nemo_side/build_model.py --out DIR --arch conformer|fastconformer [--seed N]
+Usage: python tests/nemo_side/build_model.py --out DIR --arch conformer|fastconformer|medium|... [--seed N]
 Writes DIR/model.nemo.
 """
 
@@ -44,6 +44,17 @@ ARCHS = {
     "fastconformer": {"subsampling": "dw_striding", "subsampling_factor": 8, "d_model": 64, "n_heads": 4},
     # Character-level EncDecCTCModel (no SentencePiece), like the older QuartzNet/Conformer-char models.
     "char": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
+    # The exact shape of stt_hi_conformer_ctc_medium (for bench/: speed depends on shape, not weights).
+    "medium": {
+        "subsampling": "striding",
+        "subsampling_factor": 4,
+        "d_model": 256,
+        "n_heads": 4,
+        "n_layers": 18,
+        "ff_expansion_factor": 4,
+        "subsampling_conv_channels": 256,
+        "conv_kernel_size": 31,
+    },
 }
 CHAR_LABELS = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
 
@@ -90,19 +101,19 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
             "_target_": "nemo.collections.asr.modules.ConformerEncoder",
             "feat_in": 80,
             "feat_out": -1,
-            "n_layers": 2,
+            "n_layers": a.get("n_layers", 2),
             "d_model": a["d_model"],
             "subsampling": a["subsampling"],
             "subsampling_factor": a["subsampling_factor"],
-            "subsampling_conv_channels": 64,
-            "ff_expansion_factor": 2,
+            "subsampling_conv_channels": a.get("subsampling_conv_channels", 64),
+            "ff_expansion_factor": a.get("ff_expansion_factor", 2),
             "self_attention_model": "rel_pos",
             "n_heads": a["n_heads"],
             "att_context_size": [-1, -1],
             "xscaling": True,
             "untie_biases": True,
             "pos_emb_max_len": 5000,
-            "conv_kernel_size": 9,
+            "conv_kernel_size": a.get("conv_kernel_size", 9),
             "conv_norm_type": "batch_norm",
             "dropout": 0.0,
             "dropout_pre_encoder": 0.0,

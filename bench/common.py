@@ -1,0 +1,86 @@
+"""Shared by the benchmarks: the medium-shaped model, real speech clips, a running server.
+
+The model has the exact shape of ``stt_hi_conformer_ctc_medium`` (d_model 256, 18 layers,
+4 heads, subsampling x4, 128 tokens) with random weights: built by NeMo
+(``tests/nemo_side/build_model.py --arch medium``) and exported by ``export_to_onnx.py`` into
+``.cache/bench`` (git-ignored), once. Speed depends on the shape, not the weights.
+Clips are espeak-ng speech (``tests.conftest.synthesize``) joined to the lengths asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import EXPORT_PYTHON, SENTENCES, VOICES, synthesize  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench"
+NAME = "bench_medium_ctc"
+RESULTS = ROOT / "bench" / "results"
+
+
+def medium_model() -> tuple[Path, Path]:
+    """(models dir, tokens dir) holding the medium-shaped package; built on first use (~2 min)."""
+    models, tokens = CACHE / "models", CACHE / "tokens"
+    if (models / NAME / "model.json").exists():
+        return models, tokens
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    py = str(EXPORT_PYTHON)
+    print("building the medium-shaped model with NeMo (once) ...", flush=True)
+    subprocess.run(
+        [py, "tests/nemo_side/build_model.py", "--out", str(CACHE / "nemo"), "--arch", "medium", "--vocab-size", "128"],
+        check=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    subprocess.run(
+        [py, "export_to_onnx.py", str(CACHE / "nemo" / "model.nemo"), "--name", NAME, "--language", "hi",
+         "--models-dir", str(models), "--tokens-dir", str(tokens), "--max-audio-s", "300"],
+        check=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    return models, tokens
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """``seconds`` of espeak-ng speech at 16 kHz (sentences joined, cut to length)."""
+    d = CACHE / "speech"
+    d.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(len(SENTENCES)):
+        p = d / f"s{i:02d}.wav"
+        if not p.exists():
+            synthesize(SENTENCES[i], VOICES[i % len(VOICES)], 150, p)
+        parts.append(sf.read(p, dtype="float32")[0])
+    rng = np.random.default_rng(seed)
+    out: list[np.ndarray] = []
+    n = int(seconds * 16000)
+    while sum(len(x) for x in out) < n:
+        out.append(parts[int(rng.integers(len(parts)))])
+    return np.concatenate(out)[:n]
+
+
+def wav_bytes(x: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
+def server_env(models: Path, tokens: Path, **extra: str) -> dict[str, str]:
+    return {"ASR_MODEL_DIR": str(models), "ASR_TOKENS_DIR": str(tokens), "ASR_DEFAULT_MODEL": NAME, **extra}
+
+
+def cpu_info() -> str:
+    from service.config import available_cpus
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+    model = names[0] if names else "unknown CPU"
+    return f"{available_cpus()} usable CPUs ({model})"
