@@ -228,6 +228,36 @@ class BodyLimit:
         await resp(scope, receive, send)
 
 
+class Admission:
+    """ASGI middleware: take the model's admission slot *before* the body is read.
+
+    A full server answers 503 ``queue_full`` (with Retry-After) without reading or parsing the
+    upload, so refusals stay fast when the cores are busy. The slot is held until the answer
+    is sent.
+    """
+
+    def __init__(self, app: Any, state: ModelState, on_refuse: Callable[[], None]):
+        self.app, self.state, self.on_refuse = app, state, on_refuse
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sched = self.state.scheduler
+        if sched is None or scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/transcribe":
+            await self.app(scope, receive, send)  # (no model yet: the route answers 503 loading)
+            return
+        try:
+            sched.admit()
+        except ServiceUnavailable as e:
+            self.on_refuse()
+            scope.setdefault("state", {})["log_fields"] = {"error_code": e.code}
+            headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+            await error_response(503, e.code, e.message, headers=headers)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            sched.release()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -323,12 +353,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         count_failure(request, 500, "internal_error")
         return error_response(500, "internal_error", "internal error; the server log has the details")
 
-    # Middleware, innermost first: body limit -> API key -> request log -> CORS (outermost).
+    # Middleware, innermost first: body limit -> admission -> API key -> request log -> CORS.
     app.add_middleware(
         BodyLimit,
         limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
         on_reject=lambda: metrics.failure(state.name, 413, "file_too_large"),
     )
+    app.add_middleware(Admission, state=state, on_refuse=lambda: metrics.failure(state.name, 503, "queue_full"))
 
     @app.middleware("http")
     async def _api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -494,23 +525,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sched = state.require()
         rec = sched.recognizer
         loop = asyncio.get_running_loop()
-        with sched.slot():
-            data = await read_upload(file, settings.max_upload_bytes)
-            max_s = min(settings.max_duration_s, rec.max_audio_s)
-            # Never below what the features need (two frames for normalization).
-            min_s = max(settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
-            audio = await loop.run_in_executor(prep_pool, load_audio, data, rec.sample_rate, max_s, min_s)
-            del data
-            job = asyncio.ensure_future(sched.transcribe(audio.samples, deadline))
-            gone = asyncio.ensure_future(wait_disconnect(request))
-            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not job.done():  # the client went away: its queued work is dropped
-                job.cancel()
-                request.state.log_fields = {"error_code": "client_disconnected"}
-                metrics.failure(state.name, 499, "client_disconnected")
-                return error_response(499, "client_disconnected", "the client closed the connection")
-            result = job.result()  # DeadlineExceeded -> 504 (handler above)
+        data = await read_upload(file, settings.max_upload_bytes)
+        max_s = min(settings.max_duration_s, rec.max_audio_s)
+        # Never below what the features need (two frames for normalization).
+        min_s = max(settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
+        audio = await loop.run_in_executor(prep_pool, load_audio, data, rec.sample_rate, max_s, min_s)
+        del data
+        job = asyncio.ensure_future(sched.transcribe(audio.samples, deadline))
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not job.done():  # the client went away: its queued work is dropped
+            job.cancel()
+            request.state.log_fields = {"error_code": "client_disconnected"}
+            metrics.failure(state.name, 499, "client_disconnected")
+            return error_response(499, "client_disconnected", "the client closed the connection")
+        result = job.result()  # DeadlineExceeded -> 504 (handler above)
         elapsed = time.perf_counter() - t0
         metrics.success(state.name, elapsed, audio.duration_s)
         request.state.log_fields = {

@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,9 +117,8 @@ class Scheduler:
         queued_s = sum(j.n for j in self._queue) / self.recognizer.sample_rate
         return max(1, math.ceil(queued_s * self._rtf_estimate / self.workers))
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of ``capacity`` admission slots for the request's lifetime, or refuse (503)."""
+    def admit(self) -> None:
+        """Take one of ``capacity`` admission slots (held until ``release``), or refuse with 503."""
         if self.admitted >= self.capacity:
             raise ServiceUnavailable(
                 "queue_full",
@@ -129,10 +127,9 @@ class Scheduler:
                 self.retry_after_s(),
             )
         self.admitted += 1
-        try:
-            yield
-        finally:
-            self.admitted -= 1
+
+    def release(self) -> None:
+        self.admitted -= 1
 
     async def transcribe(self, samples: npt.NDArray[np.float32], deadline: float = math.inf) -> Transcript:
         """Queue ``samples`` and wait for its transcript.

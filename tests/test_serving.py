@@ -292,7 +292,13 @@ def test_declared_oversize_body_refused_before_reading(busy_server: str) -> None
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(conformer: NemoModel) -> None:
-    env = model_env(conformer, ASR_MAX_QUEUE_DELAY_MS="1500", ASR_LOG_LEVEL="info", ASR_SHUTDOWN_TIMEOUT_S="20")
+    env = model_env(
+        conformer,
+        ASR_MAX_BATCH_SIZE="8",
+        ASR_MAX_QUEUE_DELAY_MS="1500",
+        ASR_LOG_LEVEL="info",
+        ASR_SHUTDOWN_TIMEOUT_S="20",
+    )
     logs: list[str] = []
     wav = conformer.files[2].read_bytes()
     procs: list[subprocess.Popen[str]] = []
