@@ -10,7 +10,8 @@ and hands each caller its own transcript.
 
 Concurrency: ``workers`` batches run at once (default 1), each with ONNX Runtime's intra-op
 threads; on a CPU host more concurrent runs than cores only adds contention
-(``bench/load.py`` measures it).
+(``bench/load.py`` measures it). On CPU the service defaults to ``max_batch_size`` 1 (measured:
+padded batches lowered throughput there); the queue, admission and deadlines work the same.
 """
 
 from __future__ import annotations
