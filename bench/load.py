@@ -10,7 +10,8 @@
 3. Concurrency set-ups at c=16: batching on/off and 1 vs 2 inference workers, including an
    oversubscribed one (2 workers x 2 intra-op threads on 2 cores).
 4. Overload: more clients than the queue admits, for ``--overload-s`` seconds. A refused client
-   waits the Retry-After it is given, then tries again. 503 latency,
+   waits the Retry-After it is given, then tries again. Beside it, a sequential probe client in its
+   own process measures answers apart from the load generator's own event-loop lag. 503 latency,
    served requests, server RSS sampled every second (first vs last minute).
 Writes bench/results/load.{json,md}.
 """
@@ -123,14 +124,45 @@ def offline_throughput(models: Path, tokens: Path, clips: list[np.ndarray]) -> d
     return {"one_by_one": round(one, 2), "batched_8": round(batched, 2), "best": round(max(one, batched), 2)}
 
 
+def probe(url: str, data: bytes, seconds: float, out: Any) -> None:
+    """A separate, sequential client (its own process): latency of each answer, by status.
+
+    Tells the server's refusal time apart from the load generator's own event-loop lag.
+    """
+    lat: dict[str, list[float]] = {}
+    stop = time.perf_counter() + seconds
+    with httpx.Client(timeout=60) as http:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = http.post(f"{url}/transcribe", files={"file": ("a.wav", data)})
+            lat.setdefault(str(r.status_code), []).append(time.perf_counter() - t0)
+            time.sleep(0.1)
+    out.put({k: {"n": len(v), "p50_ms": pct(v, 50), "p99_ms": pct(v, 99)} for k, v in lat.items()})
+
+
 def run_level(
-    env: dict[str, str], clips: list[tuple[bytes, float]], c: int, seconds: float, retry_after: bool = False
+    env: dict[str, str],
+    clips: list[tuple[bytes, float]],
+    c: int,
+    seconds: float,
+    retry_after: bool = False,
+    with_probe: bool = False,
 ) -> dict[str, Any]:
     procs: list[subprocess.Popen[str]] = []
     with running_server(env, process=procs) as url:
         # warm the server (first batches of each shape) before timing
         asyncio.run(closed_loop(url, clips, min(c, 4), 2.0, procs[0].pid))
-        return asyncio.run(closed_loop(url, clips, c, seconds, procs[0].pid, retry_after))
+        if not with_probe:
+            return asyncio.run(closed_loop(url, clips, c, seconds, procs[0].pid, retry_after))
+        import multiprocessing as mp
+
+        q: Any = mp.get_context("spawn").Queue()
+        pr = mp.get_context("spawn").Process(target=probe, args=(url, clips[0][0], seconds - 5, q))
+        pr.start()
+        result = asyncio.run(closed_loop(url, clips, c, seconds, procs[0].pid, retry_after))
+        result["probe"] = q.get(timeout=120)
+        pr.join()
+        return result
 
 
 def main() -> None:
@@ -172,7 +204,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in r.items() if k != "rss_series_mb"}), flush=True)
     queue = Settings().queue_size
     oc = args.overload_c or 2 * queue
-    over = run_level(env, clips, oc, args.overload_s, retry_after=True)
+    over = run_level(env, clips, oc, args.overload_s, retry_after=True, with_probe=True)
     series = over["rss_series_mb"]
     minute = min(60, max(1, len(series) // 3))
     over["rss_first_minute_mb"] = round(statistics.mean(series[:minute]), 1)
@@ -214,7 +246,8 @@ def main() -> None:
         f"Overload: {oc} clients for {args.overload_s:g} s against a queue of {queue}: answers {o['status']}; "
         f"served throughput {o['throughput_audio_s_per_s']} audio s/s; 503 latency p50 {o['refused_p50_ms']} ms, "
         f"p99 {o['refused_p99_ms']} ms; served p50 {o['p50_ms']} ms, p99 {o['p99_ms']} ms; server RSS first minute "
-        f"{o['rss_first_minute_mb']} MB, last minute {o['rss_last_minute_mb']} MB ({o['rss_growth']:+.1%}).",
+        f"{o['rss_first_minute_mb']} MB, last minute {o['rss_last_minute_mb']} MB ({o['rss_growth']:+.1%}). "
+        f"A separate sequential probe client (own process, one request per 0.1 s) saw: {o['probe']}.",
     ]
     (RESULTS / "load.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
