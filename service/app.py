@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import logging
 import math
-import resource
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -94,7 +93,6 @@ class ModelState:
     name: str
     status: Literal["loading", "ready", "failed"] = "loading"
     reason: str = "model is loading"
-    recognizer: Recognizer | None = None
     scheduler: Scheduler | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -223,6 +221,7 @@ class BodyLimit:
 
     async def _reject(self, scope: Any, receive: Any, send: Any) -> None:
         self.on_reject()
+        scope.setdefault("state", {})["log_fields"] = {"error_code": "file_too_large"}
         mb = (self.limit - MULTIPART_OVERHEAD) / 1e6
         resp = error_response(413, "file_too_large", f"request body exceeds the {mb:g} MB upload limit", "file")
         await resp(scope, receive, send)
@@ -282,7 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             sched.start()
             metrics.watch_queue(state.name, lambda: sched.queued, lambda: sched.admitted)
-            state.recognizer, state.scheduler = rec, sched
+            state.scheduler = sched
             state.status, state.reason = "ready", "ok"
         metrics.ready.labels(state.name).set(1 if state.status == "ready" else 0)
 
@@ -406,8 +405,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "client": request.client.host if request.client else None,
             **getattr(request.state, "log_fields", {}),
         }
-        if response.status_code == 413 and "error_code" not in fields:
-            fields["error_code"] = "file_too_large"  # refused by BodyLimit, below the routes
         # Probes and scrapes arrive every few seconds: keep them out of the info log when healthy.
         quiet = response.status_code == 200 and request.url.path.startswith(("/health", "/metrics"))
         access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)
@@ -489,10 +486,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         model = {"status": state.status, "reason": state.reason, **state.details, "queue": queue}
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return {
             **metrics.process_snapshot(),
-            "peak_rss_mb": round(peak_rss_mb, 1),
             "default_model": state.name,
             "models": {state.name: {**model, **metrics.model_snapshot(state.name)}},
         }

@@ -8,6 +8,7 @@ collide; the registry also holds prometheus-client's process collector (RSS, CPU
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from collections import Counter, deque
@@ -168,4 +169,5 @@ class Metrics:
         return {
             "uptime_s": round(time.time() - self.started, 3),
             "rss_mb": round(rss / 2**20, 1) if rss is not None else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
         }

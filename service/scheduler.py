@@ -91,7 +91,6 @@ class Scheduler:
         self._queue: list[Job] = []
         self._changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._running = 0
         self._rtf_estimate = 0.05  # compute seconds per audio second, updated from real batches
 
     # -- lifecycle --------------------------------------------------------------------------
