@@ -1,12 +1,17 @@
-"""The REST service: FastAPI app factory, routes, error handling, model lifecycle.
+"""The REST service: FastAPI app factory, routes, error handling.
 
-The model loads in the background after the server starts, so ``/health`` answers 503
-("loading") at once and 200 only after a warm-up inference. Each request then goes:
-admission (a bounded number per model, else 503 ``queue_full``) -> upload read (size-limited
-while it streams in, ``BodyLimit``) -> decode + resample (a small "prep" executor) -> the
-model's micro-batching ``Scheduler`` (features, ONNX Runtime and greedy CTC for a padded batch
-in the inference executor) -> JSON. The event loop never computes, so ``/health`` and
-uploads stay responsive while batches run.
+Models load in the background after the server starts (``service.registry``), so ``/health``
+answers 503 ("loading") at once and 200 only after the default model's warm-up inference.
+Each transcription then goes: admission (server-wide, before the body is read, else 503
+``queue_full``) -> upload (size-limited while it streams in, ``BodyLimit``; spooled to disk)
+-> detect + decode + resample, block by block (the "prep" executor) -> the model's
+micro-batching ``Scheduler`` (one job, or one per window of a long recording, see
+``service.longform``) -> greedy CTC with word timings -> JSON, text, SRT or WebVTT.
+The event loop never computes, so ``/health`` and uploads stay responsive while batches run.
+
+Three surfaces share that path: the native ``POST /transcribe`` (and ``/transcribe/batch``),
+and ``POST /v1/audio/transcriptions`` + ``GET /v1/models``, shaped like OpenAI's API so its
+clients work unchanged.
 """
 
 from __future__ import annotations
@@ -17,35 +22,39 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.audio import load_audio
+from service.audio import AudioInfo, AudioSource, RawFormat
 from service.config import Settings
+from service.decoding import FramePath, segment_words
 from service.errors import ClientError, ServiceUnavailable
+from service.formats import MEDIA_TYPES, RESPONSE_FORMATS, ResponseFormat, segment_dict, srt, vtt, word_dict
+from service.longform import ChunkPlan, scan, windows
 from service.metrics import Metrics
-from service.models import ModelPackage, PackageError, Recognizer, list_packages
-from service.scheduler import DeadlineExceeded, Scheduler
+from service.models import Transcript
+from service.registry import AdmissionGate, ModelEntry, ModelRegistry
+from service.scheduler import DeadlineExceeded
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
-READ_CHUNK = 1 << 20
+T = TypeVar("T")
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
 OPEN_PATHS = ("/health", "/metrics")  # probes and scrapes: no API key unless ASR_AUTH_ALL_ENDPOINTS
 PUBLIC_PATHS = ("/", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")  # never secret
+TRANSCRIBE_PATHS = ("/transcribe", "/transcribe/batch", "/v1/audio/transcriptions")
 
 
 class ErrorDetail(BaseModel):
@@ -59,11 +68,27 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class AudioInfo(BaseModel):
-    format: str
-    subtype: str
+class AudioDescription(BaseModel):
+    format: str = Field(description="Container found in the bytes: WAV, FLAC, OGG, MP3, RAW, ...")
+    subtype: str = Field(description="Encoding inside it: PCM_16, FLOAT, VORBIS, OPUS, MPEG_LAYER_III, ...")
     sample_rate: int
     channels: int
+
+
+class WordOut(BaseModel):
+    word: str
+    start: float = Field(description="Seconds (NeMo's CTC word offsets x the encoder frame shift)")
+    end: float
+    confidence: float = Field(description="Lowest CTC posterior of the word's tokens along the best path, 0-1")
+
+
+class SegmentOut(BaseModel):
+    id: int
+    start: float
+    end: float
+    text: str
+    confidence: float
+    avg_logprob: float
 
 
 class TranscriptionResponse(BaseModel):
@@ -73,80 +98,38 @@ class TranscriptionResponse(BaseModel):
     duration_s: float = Field(description="Audio duration in seconds")
     processing_ms: float = Field(description="Server time from upload received to result")
     rtf: float = Field(description="Real-time factor: processing time / audio duration")
-    audio: AudioInfo
+    audio: AudioDescription
+    chunks: int = Field(1, description="Windows the audio was transcribed in (long audio: more than 1)")
+    words: list[WordOut] | None = Field(None, description="verbose_json only")
+    segments: list[SegmentOut] | None = Field(None, description="verbose_json only")
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    status: int = Field(description="What this file alone would have been answered: 200 or an error status")
+    result: TranscriptionResponse | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
 
 
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    return JSONResponse(error_body(status, code, message, param), status_code=status, headers=headers)
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     kind = (
         "invalid_request_error" if status < 500 else ("service_unavailable" if status in (503, 504) else "server_error")
     )
-    body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
-@dataclass
-class ModelState:
-    """Lifecycle of the served model: loading -> ready, or failed with a reason."""
-
-    name: str
-    status: Literal["loading", "ready", "failed"] = "loading"
-    reason: str = "model is loading"
-    scheduler: Scheduler | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def require(self) -> Scheduler:
-        if self.status == "ready" and self.scheduler is not None:
-            return self.scheduler
-        if self.status == "loading":
-            raise ServiceUnavailable("model_loading", f"model '{self.name}' is loading; retry shortly", 2)
-        raise ServiceUnavailable("model_unavailable", f"model '{self.name}' failed to load: {self.reason}")
-
-
-def pick_default_model(settings: Settings) -> str:
-    if settings.default_model:
-        return settings.default_model
-    names = list_packages(settings.model_dir)
-    return names[0] if names else "(none)"
-
-
-def load_model(settings: Settings, state: ModelState) -> Recognizer | None:
-    """Open the package, build the recognizer, run a warm-up inference (in the executor)."""
-    t0 = time.perf_counter()
-    try:
-        pkg = ModelPackage.open(settings.model_dir, settings.tokens_dir, state.name)
-        rec = Recognizer(pkg, settings.device, settings.resolved_intra_op_threads(), settings.inter_op_threads)
-        t1 = time.perf_counter()
-        # Warm-up: the first run allocates buffers and picks kernels; do it before saying ready.
-        rec.transcribe([np.zeros(rec.sample_rate, dtype=np.float32)])
-    except Exception as e:  # any failure (bad package, ORT refusing the graph) must become a 503 reason
-        state.status = "failed"
-        state.reason = str(e) if isinstance(e, PackageError) else f"{type(e).__name__}: {e}"
-        log.error("model %s failed to load: %s", state.name, state.reason)
-        return None
-    t2 = time.perf_counter()
-    state.details = {
-        **pkg.summary(),
-        "providers": rec.engine.providers,
-        "intra_op_threads": rec.engine.intra_op_threads,
-        "inter_op_threads": rec.engine.inter_op_threads,
-        "load_s": round(t2 - t0, 3),
-        "warmup_ms": round((t2 - t1) * 1000, 1),
-    }
-    log.info("model %s loaded in %.2f s (providers %s)", state.name, t2 - t0, rec.engine.providers)
-    return rec
-
-
-async def read_upload(upload: UploadFile, limit: int) -> bytes:
-    """Read the uploaded file, refusing with 413 as soon as it passes ``limit`` bytes."""
-    chunks, size = [], 0
-    while chunk := await upload.read(READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise ClientError(413, "file_too_large", f"file exceeds the {limit / 1e6:g} MB upload limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+class ClientGone(Exception):
+    """The client closed the connection while its audio waited or ran; its work was dropped."""
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -155,11 +138,23 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
-def request_deadline(request: Request, default_s: float) -> float:
-    """Monotonic deadline for waiting in the queue: X-Request-Timeout (seconds) or the server default."""
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` unless the client leaves first; then cancel it and raise ``ClientGone``."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not job.done():
+        job.cancel()
+        raise ClientGone
+    return job.result()
+
+
+def request_timeout_s(request: Request, default_s: float) -> float:
+    """Longest a job may wait in the queue: X-Request-Timeout (seconds) or the server default (0 = none)."""
     raw = request.headers.get("x-request-timeout")
     if raw is None:
-        return time.monotonic() + default_s if default_s > 0 else math.inf
+        return default_s if default_s > 0 else math.inf
     try:
         timeout_s = float(raw)
     except ValueError:
@@ -168,7 +163,19 @@ def request_deadline(request: Request, default_s: float) -> float:
         raise ClientError(
             400, "invalid_timeout", f"X-Request-Timeout must be seconds in (0, 86400), got {raw!r}", "X-Request-Timeout"
         )
-    return time.monotonic() + timeout_s
+    return timeout_s
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One transcribed file, before it is rendered."""
+
+    transcript: Transcript
+    entry: ModelEntry
+    info: AudioInfo
+    duration_s: float
+    elapsed_s: float
+    chunks: int
 
 
 class BodyTooLarge(Exception):
@@ -228,23 +235,22 @@ class BodyLimit:
 
 
 class Admission:
-    """ASGI middleware: take the model's admission slot *before* the body is read.
+    """ASGI middleware: take a server-wide admission slot *before* the body is read.
 
     A full server answers 503 ``queue_full`` (with Retry-After) without reading or parsing the
     upload, so refusals stay fast when the cores are busy. The slot is held until the answer
     is sent.
     """
 
-    def __init__(self, app: Any, state: ModelState, on_refuse: Callable[[], None]):
-        self.app, self.state, self.on_refuse = app, state, on_refuse
+    def __init__(self, app: Any, gate: AdmissionGate, on_refuse: Callable[[], None]):
+        self.app, self.gate, self.on_refuse = app, gate, on_refuse
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        sched = self.state.scheduler
-        if sched is None or scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/transcribe":
-            await self.app(scope, receive, send)  # (no model yet: the route answers 503 loading)
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in TRANSCRIBE_PATHS:
+            await self.app(scope, receive, send)
             return
         try:
-            sched.admit()
+            self.gate.admit()
         except ServiceUnavailable as e:
             self.on_refuse()
             scope.setdefault("state", {})["log_fields"] = {"error_code": e.code}
@@ -254,78 +260,76 @@ class Admission:
         try:
             await self.app(scope, receive, send)
         finally:
-            sched.release()
+            self.gate.release()
+
+
+FILE_DOC = "Audio file: WAV, FLAC, OGG (Vorbis, Opus), MP3, AIFF, AU; or raw PCM with sample_rate"
+RAW_RATE_DOC = "Raw PCM only: sample rate in Hz (makes a headerless file readable)"
+RAW_ENC_DOC = "Raw PCM only: s16le (default), s16be, s24le, s32le, f32le, f64le, u8, s8, mulaw, alaw"
+RAW_CH_DOC = "Raw PCM only: interleaved channels (default 1)"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    state = ModelState(name=pick_default_model(settings))
-    api_keys = [k.encode() for k in settings.all_api_keys()]
-    # Inference: one thread per worker (each batch uses ONNX Runtime's intra-op threads).
-    # Prep: decoding and resampling uploads, kept off the event loop and out of the batch path.
+    # Inference: one thread per worker (each batch uses ONNX Runtime's intra-op threads), shared
+    # by all models. Prep: decoding and resampling uploads, kept off the event loop.
     infer_pool = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="asr-infer")
-    prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-prep")
-
-    async def start_model() -> None:
-        rec = await asyncio.get_running_loop().run_in_executor(infer_pool, load_model, settings, state)
-        if rec is not None:
-            sched = Scheduler(
-                rec,
-                infer_pool,
-                max_batch_size=settings.max_batch_size,
-                max_queue_delay_ms=settings.max_queue_delay_ms,
-                capacity=settings.queue_size,
-                workers=settings.inference_workers,
-                on_batch=lambda b: metrics.batch(state.name, b),
-            )
-            sched.start()
-            metrics.watch_queue(state.name, lambda: sched.queued, lambda: sched.admitted)
-            state.scheduler = sched
-            state.status, state.reason = "ready", "ok"
-        metrics.ready.labels(state.name).set(1 if state.status == "ready" else 0)
+    prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="asr-prep")
+    registry = ModelRegistry(settings, metrics, infer_pool)
+    api_keys = [k.encode() for k in settings.all_api_keys()]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(start_model())
+        loader = asyncio.create_task(registry.start())
         yield
         # uvicorn has stopped accepting and let in-flight requests finish (ASR_SHUTDOWN_TIMEOUT_S).
         loader.cancel()
-        if state.scheduler is not None:
-            await state.scheduler.stop()
+        await registry.stop()
         infer_pool.shutdown(wait=True, cancel_futures=True)
         prep_pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
         title="NeMo CTC speech-to-text",
         version=__version__,
-        description="CPU-first speech recognition for NVIDIA NeMo CTC models exported to ONNX.",
+        description="CPU-first speech recognition for NVIDIA NeMo CTC models exported to ONNX. "
+        "Native API under /transcribe; OpenAI-compatible API under /v1.",
         lifespan=lifespan,
     )
     app.state.draining = False  # set by the SIGTERM handler (service.__main__): readiness goes 503
+    app.state.registry = registry
+
+    async def prep(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(prep_pool, lambda: fn(*args, **kw))
 
     def count_failure(request: Request, status: int, code: str) -> None:
-        if request.url.path == "/transcribe":
-            metrics.failure(state.name, status, code)
+        if request.url.path in TRANSCRIBE_PATHS:
+            metrics.failure(getattr(request.state, "model", registry.default), status, code)
+
+    def fail(
+        request: Request, status: int, code: str, message: str, param: str | None = None, **kw: Any
+    ) -> JSONResponse:
+        request.state.log_fields = {"error_code": code}
+        count_failure(request, status, code)
+        return error_response(status, code, message, param, **kw)
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
-        request.state.log_fields = {"error_code": exc.code}
-        count_failure(request, exc.status, exc.code)
-        return error_response(exc.status, exc.code, exc.message, exc.param)
+        return fail(request, exc.status, exc.code, exc.message, exc.param)
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
-        request.state.log_fields = {"error_code": exc.code}
-        count_failure(request, 503, exc.code)
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-        return error_response(503, exc.code, exc.message, headers=headers)
+        return fail(request, 503, exc.code, exc.message, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
+        return fail(request, 499, "client_disconnected", "the client closed the connection")
 
     @app.exception_handler(DeadlineExceeded)
     async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
-        request.state.log_fields = {"error_code": "deadline_exceeded"}
-        count_failure(request, 504, "deadline_exceeded")
-        return error_response(
+        return fail(
+            request,
             504,
             "deadline_exceeded",
             f"the request waited {exc.waited_s:.2f} s in the queue without reaching compute; "
@@ -338,8 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         first = errs[0] if errs else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body", "query"))
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(first.get("msg", "invalid request"))
-        count_failure(request, 400, "invalid_request")
-        return error_response(400, "invalid_request", msg, loc or None)
+        return fail(request, 400, "invalid_request", msg, loc or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -349,16 +352,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        count_failure(request, 500, "internal_error")
-        return error_response(500, "internal_error", "internal error; the server log has the details")
+        return fail(request, 500, "internal_error", "internal error; the server log has the details")
 
     # Middleware, innermost first: body limit -> admission -> API key -> request log -> CORS.
     app.add_middleware(
         BodyLimit,
         limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
-        on_reject=lambda: metrics.failure(state.name, 413, "file_too_large"),
+        on_reject=lambda: metrics.failure(registry.default, 413, "file_too_large"),
     )
-    app.add_middleware(Admission, state=state, on_refuse=lambda: metrics.failure(state.name, 503, "queue_full"))
+    app.add_middleware(
+        Admission, gate=registry.gate, on_refuse=lambda: metrics.failure(registry.default, 503, "queue_full")
+    )
 
     @app.middleware("http")
     async def _api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -419,24 +423,129 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
 
+    # -- the transcription path, shared by every surface ---------------------------------------
+    def raw_format(
+        upload: UploadFile, sample_rate: int | None, encoding: str | None, channels: int | None
+    ) -> RawFormat | None:
+        declared = RawFormat.parse(sample_rate, encoding, channels)
+        return declared or RawFormat.from_content_type(upload.content_type)
+
+    async def transcribe_file(
+        request: Request, entry: ModelEntry, upload: UploadFile, raw: RawFormat | None
+    ) -> Outcome:
+        t0 = time.perf_counter()
+        timeout_s = request_timeout_s(request, settings.request_timeout_s)
+        sched = await registry.acquire(entry)
+        try:
+            rec = sched.recognizer
+            rate = rec.sample_rate
+            # Never below what the features need (two frames for normalization).
+            min_s = max(settings.min_duration_s, rec.features.min_samples() / rate)
+            source = await prep(
+                AudioSource, upload.file, rate, max_duration_s=settings.max_duration_s, min_duration_s=min_s, raw=raw
+            )
+            try:
+                plan = ChunkPlan.create(
+                    settings.chunk_s, settings.chunk_context_s, rate, rec.frame_samples, rec.max_audio_s
+                )
+                first = await prep(scan, source.blocks(), plan, rec.features)
+                if first.samples is not None:
+                    path = await until_disconnect(request, sched.infer(first.samples, time.monotonic() + timeout_s))
+                    chunks = 1
+                else:  # long audio: window by window, each a job of its own in the model's queue
+                    parts = []
+                    gen = windows(source.blocks(), plan)
+                    while (win := await prep(next, gen, None)) is not None:
+                        out = await until_disconnect(
+                            request, sched.infer(win.samples, time.monotonic() + timeout_s, first.stats)
+                        )
+                        parts.append(out.slice(win.keep_from, len(out) if win.keep_to is None else win.keep_to))
+                    path, chunks = FramePath.concat(parts), len(parts)
+                transcript = await prep(rec.decode, path)
+            finally:
+                source.close()
+        finally:
+            registry.release(entry)
+        duration_s = source.decoded_s
+        elapsed = time.perf_counter() - t0
+        metrics.success(entry.name, elapsed, duration_s)
+        return Outcome(transcript, entry, source.info, duration_s, elapsed, chunks)
+
+    def native_body(o: Outcome, verbose: bool) -> TranscriptionResponse:
+        t = o.transcript
+        body = TranscriptionResponse(
+            text=t.text,
+            model=o.entry.name,
+            language=o.entry.language,
+            duration_s=round(o.duration_s, 4),
+            processing_ms=round(o.elapsed_s * 1000, 2),
+            rtf=round(o.elapsed_s / o.duration_s, 5) if o.duration_s else 0.0,
+            audio=AudioDescription(
+                format=o.info.format, subtype=o.info.subtype, sample_rate=o.info.sample_rate, channels=o.info.channels
+            ),
+            chunks=o.chunks,
+        )
+        if verbose:
+            body.words = [WordOut(**word_dict(w)) for w in t.words]
+            body.segments = [SegmentOut(**segment_dict(i, s)) for i, s in enumerate(segment_words(t.words))]
+        return body
+
+    def render(o: Outcome, fmt: ResponseFormat, json_body: Callable[[Outcome, bool], Any]) -> Response:
+        if fmt == "text":
+            return PlainTextResponse(o.transcript.text + "\n", media_type=MEDIA_TYPES["text"])
+        if fmt in ("srt", "vtt"):
+            segments = segment_words(o.transcript.words)
+            return Response(srt(segments) if fmt == "srt" else vtt(segments), media_type=MEDIA_TYPES[fmt])
+        body = json_body(o, fmt == "verbose_json")
+        return JSONResponse(body.model_dump(exclude_none=True) if isinstance(body, BaseModel) else body)
+
+    def log_outcome(request: Request, o: Outcome) -> None:
+        request.state.log_fields = {
+            "model": o.entry.name,
+            "audio_s": round(o.duration_s, 3),
+            "rtf": round(o.elapsed_s / o.duration_s, 5) if o.duration_s else None,
+            "chunks": o.chunks,
+        }
+
+    def pick(request: Request, model: str | None, language: str | None) -> ModelEntry:
+        entry = registry.resolve(model, language)
+        request.state.model = entry.name
+        return entry
+
+    def check_format(fmt: str) -> ResponseFormat:
+        if fmt not in RESPONSE_FORMATS:
+            raise ClientError(
+                400,
+                "invalid_response_format",
+                f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {fmt!r}",
+                "response_format",
+            )
+        return fmt  # type: ignore[return-value]
+
     @app.get("/", summary="Service information and example calls")
     async def root() -> dict[str, Any]:
+        port = settings.port
         return {
             "service": "nemo-ctc-asr",
             "version": __version__,
-            "model": state.name,
-            "status": state.status,
+            "default_model": registry.default,
+            "models": {n: e.status for n, e in registry.entries.items()},
             "endpoints": {
-                "POST /transcribe": "multipart field 'file': audio (WAV/FLAC/OGG) -> JSON transcript",
-                "GET /health": "readiness: 200 when the model is loaded and warmed up, else 503 with a reason",
+                "POST /transcribe": "multipart 'file' (WAV/FLAC/OGG/Opus/MP3/raw PCM) -> transcript; "
+                "response_format json|text|srt|vtt|verbose_json (word timings, confidence, segments)",
+                "POST /transcribe/batch": "several 'files' -> one result per file",
+                "POST /v1/audio/transcriptions": "OpenAI-compatible transcription",
+                "GET /v1/models": "OpenAI-compatible model list",
+                "GET /health": "readiness: 200 when the default model is loaded and warmed up, else 503 with a reason",
                 "GET /health/live": "liveness: 200 while the process serves requests",
                 "GET /stats": "per-model requests, queue, latency percentiles, batch sizes, RTF; RSS, uptime",
                 "GET /metrics": "Prometheus text format",
                 "GET /docs": "OpenAPI documentation",
             },
             "examples": [
-                f"curl -F file=@speech.wav http://localhost:{settings.port}/transcribe",
-                f"curl http://localhost:{settings.port}/health",
+                f"curl -F file=@speech.wav http://localhost:{port}/transcribe",
+                f"curl -F file=@talk.mp3 -F response_format=srt http://localhost:{port}/transcribe",
+                f"curl http://localhost:{port}/health",
             ],
         }
 
@@ -454,105 +563,237 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get(
         "/health",
-        summary="Readiness: 200 once the model is loaded and warmed up",
+        summary="Readiness: 200 once the default model is loaded and warmed up; every model's state",
         responses={503: {"description": "loading, broken or shutting down, with a reason"}},
     )
     async def health() -> JSONResponse:
+        default = registry.entries[registry.default]
+        models = {
+            n: {"status": e.status, **({"reason": e.reason} if e.status != "ready" else {})}
+            for n, e in registry.entries.items()
+        }
         if app.state.draining:
-            body = {"status": "draining", "model": state.name, "reason": "the server is shutting down"}
-            return JSONResponse(body, status_code=503)
-        if state.status == "ready":
-            return JSONResponse({"status": "ok", "model": state.name})
+            body = {"status": "draining", "model": default.name, "reason": "the server is shutting down"}
+            return JSONResponse({**body, "models": models}, status_code=503)
+        if default.status == "ready":
+            return JSONResponse({"status": "ok", "model": default.name, "models": models})
         return JSONResponse(
-            {"status": state.status, "model": state.name, "reason": state.reason},
+            {"status": default.status, "model": default.name, "reason": default.reason, "models": models},
             status_code=503,
-            headers={"Retry-After": "2"} if state.status == "loading" else None,
+            headers={"Retry-After": "2"} if default.status == "loading" else None,
         )
 
     @app.get("/stats", summary="Per-model requests, queue, latencies, batch sizes, RTF; process RSS, uptime")
     async def stats() -> dict[str, Any]:
-        sched = state.scheduler
-        queue = (
-            {
-                "depth": sched.queued,
-                "max_depth": sched.max_queued,
-                "in_progress": sched.admitted,
-                "capacity": sched.capacity,
-                "max_batch_size": sched.max_batch_size,
-                "max_queue_delay_ms": settings.max_queue_delay_ms,
-                "workers": sched.workers,
-            }
-            if sched
-            else None
-        )
-        model = {"status": state.status, "reason": state.reason, **state.details, "queue": queue}
+        gate = registry.gate
+        models = {}
+        for name, e in registry.entries.items():
+            sched = e.scheduler
+            queue = (
+                {
+                    "depth": sched.queued,
+                    "max_depth": sched.max_queued,
+                    "in_progress": e.active,
+                    "capacity": gate.capacity,
+                    "max_batch_size": sched.max_batch_size,
+                    "max_queue_delay_ms": settings.max_queue_delay_ms,
+                    "workers": sched.workers,
+                }
+                if sched
+                else None
+            )
+            model = {"status": e.status, "reason": e.reason, "language": e.language, **e.details, "queue": queue}
+            models[name] = {**model, **metrics.model_snapshot(name)}
         return {
             **metrics.process_snapshot(),
-            "default_model": state.name,
-            "models": {state.name: {**model, **metrics.model_snapshot(state.name)}},
+            "default_model": registry.default,
+            "admission": {
+                "in_progress": gate.admitted,
+                "max_in_progress": gate.max_admitted,
+                "capacity": gate.capacity,
+            },
+            "models_memory_mb": {
+                "used": round(sum(e.footprint_mb for e in registry.entries.values() if e.status == "ready"), 1),
+                "budget": settings.models_memory_mb or None,
+            },
+            "models": models,
         }
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    error_responses: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 503, 504)
+    }
+
     @app.post(
         "/transcribe",
         response_model=TranscriptionResponse,
+        response_model_exclude_none=True,
         summary="Transcribe one audio file",
-        responses={s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 503, 504)},
+        responses={
+            **error_responses,
+            200: {"content": {"text/plain": {}, "application/x-subrip": {}, "text/vtt": {}}},
+        },
     )
     async def transcribe(
         request: Request,
-        file: Annotated[
-            UploadFile | None, File(description="Audio file: WAV (PCM 8-32 bit or float), FLAC, OGG")
+        file: Annotated[UploadFile | None, File(description=FILE_DOC)] = None,
+        model: Annotated[str | None, Form(description="Model name; default: the server's default model")] = None,
+        language: Annotated[
+            str | None, Form(description="Pick the model by language (e.g. en, hi) if no model")
         ] = None,
-        model: Annotated[str | None, Form(description="Model name; default: the served model")] = None,
-    ) -> TranscriptionResponse | JSONResponse:
-        t0 = time.perf_counter()
+        response_format: Annotated[str, Form(description="json, text, srt, vtt or verbose_json")] = "json",
+        sample_rate: Annotated[int | None, Form(description=RAW_RATE_DOC)] = None,
+        encoding: Annotated[str | None, Form(description=RAW_ENC_DOC)] = None,
+        channels: Annotated[int | None, Form(description=RAW_CH_DOC)] = None,
+    ) -> Response:
+        fmt = check_format(response_format)
         if file is None:
             raise ClientError(400, "missing_file", "send the audio as multipart/form-data in a field named 'file'")
-        if model and model != state.name:
+        entry = pick(request, model, language)
+        o = await transcribe_file(request, entry, file, raw_format(file, sample_rate, encoding, channels))
+        log_outcome(request, o)
+        return render(o, fmt, native_body)
+
+    @app.post(
+        "/transcribe/batch",
+        response_model=BatchResponse,
+        summary="Transcribe several files; one result per file, in order",
+        responses=error_responses,
+    )
+    async def transcribe_batch(
+        request: Request,
+        files: Annotated[list[UploadFile] | None, File(description="Audio files (repeat the field)")] = None,
+        model: Annotated[str | None, Form(description="Model name; default: the server's default model")] = None,
+        language: Annotated[str | None, Form(description="Pick the model by language if no model")] = None,
+        response_format: Annotated[Literal["json", "verbose_json"], Form()] = "json",
+        sample_rate: Annotated[int | None, Form(description=RAW_RATE_DOC)] = None,
+        encoding: Annotated[str | None, Form(description=RAW_ENC_DOC)] = None,
+        channels: Annotated[int | None, Form(description=RAW_CH_DOC)] = None,
+    ) -> BatchResponse:
+        if not files:
+            raise ClientError(400, "missing_file", "send the audio files as multipart fields named 'files'", "files")
+        if len(files) > settings.max_batch_files:
             raise ClientError(
-                404, "model_not_found", f"model '{model}' is not served (available: {state.name})", "model"
+                400, "too_many_files", f"{len(files)} files; at most {settings.max_batch_files} per batch", "files"
             )
-        deadline = request_deadline(request, settings.request_timeout_s)
-        sched = state.require()
-        rec = sched.recognizer
-        loop = asyncio.get_running_loop()
-        data = await read_upload(file, settings.max_upload_bytes)
-        max_s = min(settings.max_duration_s, rec.max_audio_s)
-        # Never below what the features need (two frames for normalization).
-        min_s = max(settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
-        audio = await loop.run_in_executor(prep_pool, load_audio, data, rec.sample_rate, max_s, min_s)
-        del data
-        job = asyncio.ensure_future(sched.transcribe(audio.samples, deadline))
-        gone = asyncio.ensure_future(wait_disconnect(request))
-        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not job.done():  # the client went away: its queued work is dropped
-            job.cancel()
-            request.state.log_fields = {"error_code": "client_disconnected"}
-            metrics.failure(state.name, 499, "client_disconnected")
-            return error_response(499, "client_disconnected", "the client closed the connection")
-        result = job.result()  # DeadlineExceeded -> 504 (handler above)
-        elapsed = time.perf_counter() - t0
-        metrics.success(state.name, elapsed, audio.duration_s)
-        request.state.log_fields = {
-            "model": state.name,
-            "audio_s": round(audio.duration_s, 3),
-            "rtf": round(elapsed / audio.duration_s, 5),
+        entry = pick(request, model, language)
+        results = []
+        ok = 0
+        for f in files:  # one after another: the scheduler interleaves them with other clients' work
+            try:
+                o = await transcribe_file(request, entry, f, raw_format(f, sample_rate, encoding, channels))
+            except ClientError as e:
+                metrics.failure(entry.name, e.status, e.code)
+                results.append(
+                    BatchItem(
+                        filename=f.filename,
+                        status=e.status,
+                        error=ErrorDetail(**error_body(e.status, e.code, e.message, e.param)["error"]),
+                    )
+                )
+                continue
+            except DeadlineExceeded as e:
+                metrics.failure(entry.name, 504, "deadline_exceeded")
+                err = error_body(
+                    504, "deadline_exceeded", f"waited {e.waited_s:.2f} s in the queue without reaching compute"
+                )
+                results.append(BatchItem(filename=f.filename, status=504, error=ErrorDetail(**err["error"])))
+                continue
+            ok += 1
+            results.append(
+                BatchItem(filename=f.filename, status=200, result=native_body(o, response_format == "verbose_json"))
+            )
+        request.state.log_fields = {"model": entry.name, "files": len(files), "ok": ok}
+        return BatchResponse(results=results)
+
+    # -- OpenAI-compatible surface ------------------------------------------------------------
+    def openai_model(e: ModelEntry) -> dict[str, Any]:
+        return {
+            "id": e.name,
+            "object": "model",
+            "created": int(metrics.started),
+            "owned_by": "nemo-ctc-asr",
+            "language": e.language,
+            "status": e.status,
         }
-        return TranscriptionResponse(
-            text=result.text,
-            model=state.name,
-            language=rec.package.meta.get("language"),
-            duration_s=round(audio.duration_s, 4),
-            processing_ms=round(elapsed * 1000, 2),
-            rtf=round(elapsed / audio.duration_s, 5),
-            audio=AudioInfo(
-                format=audio.format, subtype=audio.subtype, sample_rate=audio.source_rate, channels=audio.channels
-            ),
-        )
+
+    @app.get("/v1/models", summary="OpenAI-compatible: the models this server can serve")
+    async def v1_models() -> dict[str, Any]:
+        registry.refresh()
+        return {"object": "list", "data": [openai_model(e) for e in registry.entries.values()]}
+
+    @app.get("/v1/models/{model_id}", summary="OpenAI-compatible: one model", responses={404: {"model": ErrorBody}})
+    async def v1_model(model_id: str) -> dict[str, Any]:
+        return openai_model(registry.resolve(model_id, None))
+
+    def openai_body(o: Outcome, verbose: bool, granularities: set[str]) -> dict[str, Any]:
+        t = o.transcript
+        if not verbose:
+            return {"text": t.text}
+        body: dict[str, Any] = {
+            "task": "transcribe",
+            "language": o.entry.language,
+            "duration": round(o.duration_s, 3),
+            "text": t.text,
+        }
+        if "segment" in granularities or not granularities:
+            body["segments"] = [
+                {
+                    **segment_dict(i, s),
+                    "seek": 0,
+                    "tokens": [],
+                    "temperature": 0.0,
+                    "compression_ratio": 1.0,
+                    "no_speech_prob": 0.0,
+                }
+                for i, s in enumerate(segment_words(t.words))
+            ]
+        if "word" in granularities:
+            body["words"] = [word_dict(w) for w in t.words]
+        return body
+
+    @app.post(
+        "/v1/audio/transcriptions",
+        summary="OpenAI-compatible transcription (model: a served model's id, or 'whisper-1' for the default)",
+        responses=error_responses,
+    )
+    async def v1_transcriptions(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description=FILE_DOC)] = None,
+        model: Annotated[
+            str | None,
+            Form(description="A model id from /v1/models; whisper-1 or empty: by language, else the default"),
+        ] = None,
+        language: Annotated[str | None, Form(description="ISO-639-1 code: picks a model of that language")] = None,
+        response_format: Annotated[str, Form(description="json, text, srt, vtt or verbose_json")] = "json",
+        timestamp_granularities: Annotated[
+            list[str] | None, Form(alias="timestamp_granularities[]", description="word and/or segment (verbose_json)")
+        ] = None,
+        prompt: Annotated[str | None, Form(description="Accepted and ignored: CTC models take no prompt")] = None,
+        temperature: Annotated[float | None, Form(description="Accepted and ignored: decoding is greedy")] = None,
+        sample_rate: Annotated[int | None, Form(description=RAW_RATE_DOC)] = None,
+        encoding: Annotated[str | None, Form(description=RAW_ENC_DOC)] = None,
+        channels: Annotated[int | None, Form(description=RAW_CH_DOC)] = None,
+    ) -> Response:
+        fmt = check_format(response_format)
+        grans = set(timestamp_granularities or [])
+        if grans - {"word", "segment"}:
+            raise ClientError(
+                400,
+                "invalid_request",
+                f"timestamp_granularities[] takes word and segment, got {sorted(grans)}",
+                "timestamp_granularities[]",
+            )
+        if file is None:
+            raise ClientError(400, "missing_file", "send the audio as multipart/form-data in a field named 'file'")
+        # OpenAI clients send their own model names (whisper-1, gpt-4o-transcribe): those mean "the default".
+        served = model if model and (model in registry.entries or not model.startswith(("whisper", "gpt-"))) else None
+        entry = pick(request, served, language)
+        o = await transcribe_file(request, entry, file, raw_format(file, sample_rate, encoding, channels))
+        log_outcome(request, o)
+        return render(o, fmt, lambda out, verbose: openai_body(out, verbose, grans))
 
     return app

@@ -42,13 +42,31 @@ class Settings(BaseSettings):
     default_model: str = Field(
         "", description="Package served by default; empty: the only package, or the first by name"
     )
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated packages loaded at start besides the default ('*': all); others load on first use",
+    )
+    models_memory_mb: float = Field(
+        4096.0,
+        ge=0,
+        description="Memory for loaded models; past it the least recently used idle ones unload (0 = no limit)",
+    )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="Execution provider: cpu, cuda (needs onnxruntime-gpu), auto (cuda if present)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = usable CPUs")
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
-    max_upload_mb: float = Field(100.0, gt=0, description="Largest accepted upload, in MB")
-    max_duration_s: float = Field(300.0, gt=0, description="Longest accepted audio, in seconds")
+    max_upload_mb: float = Field(
+        500.0, gt=0, description="Largest accepted upload, in MB (spooled to disk while it arrives)"
+    )
+    max_duration_s: float = Field(
+        4 * 3600.0, gt=0, description="Longest accepted audio, in seconds (long audio runs in windows)"
+    )
+    chunk_s: float = Field(60.0, gt=0, description="Long audio: seconds of audio each window transcribes")
+    chunk_context_s: float = Field(
+        10.0, ge=0, description="Long audio: seconds of context the encoder sees on each side of a window"
+    )
+    max_batch_files: int = Field(32, ge=1, description="Most files in one /transcribe/batch request")
     min_duration_s: float = Field(0.1, ge=0, description="Shortest accepted audio, in seconds")
     # Measured on 2 CPU cores (bench/load.py, medium Conformer): batches of up to 8 gave 40 audio s/s
     # against 60 one at a time, and doubled RSS. Hence 1 by default; raise it on GPU hosts.
@@ -59,7 +77,7 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Longest a request waits for company before its batch starts anyway"
     )
     queue_size: int = Field(
-        64, ge=1, description="Requests admitted at once per model (uploading, queued or computing); beyond: 503"
+        64, ge=1, description="Requests admitted at once, server-wide (uploading, queued or computing); beyond: 503"
     )
     inference_workers: int = Field(
         1, ge=1, description="Batches computed at once; ONNX Runtime's intra-op threads are split among them"
@@ -83,7 +101,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: plain")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "preload_models", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v

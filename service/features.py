@@ -158,8 +158,19 @@ class FeatureExtractor:
         extra = 1 if c.framing == "reflect_pad" else 0
         return max(1, (2 - extra) * c.hop_length + c.n_fft - 2 * (self._edge_pad or self._stft_pad))
 
-    def __call__(self, audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Features [n_mels, num_frames(len(audio))] of one mono float32 signal."""
+    def __call__(self, audio: npt.NDArray[np.float32], stats: NormStats | None = None) -> npt.NDArray[np.float32]:
+        """Features [n_mels, num_frames(len(audio))] of one mono float32 signal.
+
+        Normalized over the signal itself, or with ``stats`` gathered over a longer recording
+        that ``audio`` is a window of (chunked long-audio inference).
+        """
+        feats = self.log_mel(audio)
+        if stats is not None:
+            return stats.apply(feats)
+        return self._normalize(feats)
+
+    def log_mel(self, audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Log-mel features before normalization, [n_mels, num_frames(len(audio))]."""
         c = self.cfg
         x = np.asarray(audio, dtype=np.float32)
         length = x.shape[0]
@@ -194,7 +205,7 @@ class FeatureExtractor:
                 np.log(feats + g, out=feats)
             else:
                 np.log(np.maximum(feats, g), out=feats)
-        return self._normalize(feats)
+        return feats
 
     def _normalize(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """NeMo's normalize_batch: mean and std (N-1) over valid frames, std + 1e-5.
@@ -216,12 +227,47 @@ class FeatureExtractor:
             return np.asarray((x - mean_all) / (std_all + NORMALIZE_EPS), dtype=np.float32)
         return x
 
-    def batch(self, audios: list[npt.NDArray[np.float32]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    def batch(
+        self, audios: list[npt.NDArray[np.float32]], stats: list[NormStats | None] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Padded batch [B, n_mels, T_max] (pad_value beyond each length) and lengths [B]."""
-        feats = [self(a) for a in audios]
+        feats = [self(a, s) for a, s in zip(audios, stats or [None] * len(audios), strict=True)]
         lengths = np.array([f.shape[1] for f in feats], dtype=np.int64)
         t_max = int(lengths.max()) if len(feats) else 0
         out = np.full((len(feats), self.cfg.n_mels, t_max), self.cfg.pad_value, dtype=np.float32)
         for i, f in enumerate(feats):
             out[i, :, : f.shape[1]] = f
         return out, lengths
+
+
+class NormStats:
+    """Normalization statistics accumulated over a recording, window by window.
+
+    Chunked inference runs the encoder on overlapping windows of a long recording. Normalizing
+    each window over itself would give each window a slightly different feature scale;
+    instead the whole recording's mean and deviation are gathered first (a cheap pass: log-mel
+    only) and every window is normalized with them, as NeMo normalizes the unchunked input.
+    """
+
+    def __init__(self, normalize: str | None, n_mels: int):
+        self.normalize = normalize
+        self.n = 0
+        self.sum = np.zeros((n_mels, 1), dtype=np.float64)
+        self.sumsq = np.zeros((n_mels, 1), dtype=np.float64)
+
+    def add(self, log_mel: npt.NDArray[np.float32]) -> None:
+        x = log_mel.astype(np.float64)
+        self.n += x.shape[1]
+        self.sum += x.sum(axis=1, keepdims=True)
+        self.sumsq += (x**2).sum(axis=1, keepdims=True)
+
+    def apply(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if self.normalize is None or self.n < 2:
+            return x
+        if self.normalize == "per_feature":
+            n, s, ss = self.n, self.sum, self.sumsq
+        else:  # all_features
+            n, s, ss = self.n * self.sum.shape[0], self.sum.sum(), self.sumsq.sum()
+        mean = s / n
+        std = np.sqrt(np.maximum(ss - n * mean**2, 0.0) / (n - 1))
+        return np.asarray((x - mean) / (std + NORMALIZE_EPS), dtype=np.float32)

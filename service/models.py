@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.decoding import Detokenizer, Subsampling, greedy_ctc, read_token_map
+from service.decoding import Detokenizer, FramePath, Subsampling, Word, ctc_align, read_token_map
 from service.engine import Device, Engine
-from service.features import FeatureConfig, FeatureExtractor
+from service.features import FeatureConfig, FeatureExtractor, NormStats
 
 SUPPORTED_FORMAT_VERSION = 1
 
@@ -101,6 +101,7 @@ class ModelPackage:
 class Transcript:
     text: str
     token_ids: list[int]
+    words: list[Word]
 
 
 class Recognizer:
@@ -129,20 +130,36 @@ class Recognizer:
         self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads)
         self.sample_rate = int(meta["features"]["sample_rate"])
         self.max_audio_s = float(meta["encoder"].get("max_audio_s") or float("inf"))
+        self.frame_shift_s = float(meta["encoder"]["frame_shift_s"])
+        # Input samples per encoder frame (feature hop x subsampling factor).
+        self.frame_samples = self.features.cfg.hop_length * self.subsampling.factor
         self.name = package.name
 
-    def logprobs(self, audios: list[npt.NDArray[np.float32]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    def logprobs(
+        self, audios: list[npt.NDArray[np.float32]], stats: list[NormStats | None] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Log-probabilities [B, T', V+1] and valid encoder lengths [B] for a batch of signals."""
-        feats, lengths = self.features.batch(audios)
+        feats, lengths = self.features.batch(audios, stats)
         return self.engine.run(feats, lengths), self.subsampling.encoded_lengths(lengths)
+
+    def paths(
+        self, audios: list[npt.NDArray[np.float32]], stats: list[NormStats | None] | None = None
+    ) -> list[FramePath]:
+        """Best label and its log-probability per encoder frame, for each signal of a batch."""
+        if not audios:
+            return []
+        lp, enc_len = self.logprobs(audios, stats)
+        return [FramePath.from_logprobs(lp[i], int(enc_len[i])) for i in range(len(audios))]
+
+    def decode(self, path: FramePath) -> Transcript:
+        """Text, token ids and timed words of one best path."""
+        align = ctc_align(path, self.blank_id)
+        return Transcript(
+            text=self.detokenize(align.ids),
+            token_ids=align.ids,
+            words=self.detokenize.words(align, self.frame_shift_s),
+        )
 
     def transcribe(self, audios: list[npt.NDArray[np.float32]]) -> list[Transcript]:
         """Transcribe mono float32 signals at ``sample_rate``; one result per input, in order."""
-        if not audios:
-            return []
-        lp, enc_len = self.logprobs(audios)
-        out = []
-        for i in range(len(audios)):
-            ids = greedy_ctc(lp[i], int(enc_len[i]), self.blank_id)
-            out.append(Transcript(text=self.detokenize(ids), token_ids=ids))
-        return out
+        return [self.decode(p) for p in self.paths(audios)]

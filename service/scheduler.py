@@ -1,12 +1,12 @@
 """Micro-batching scheduler: one per served model, in front of its recognizer.
 
-Requests are *admitted* first (a bounded count per model: uploading, decoding, waiting or in
-compute), so a burst past capacity is refused at once with 503 + ``Retry-After`` instead of
-piling up memory. Admitted audio waits in a queue; a worker takes the oldest job, waits at most
+Requests are admitted first (``service.registry.AdmissionGate``: a bounded count server-wide),
+so a burst past capacity is refused at once with 503 + ``Retry-After`` instead of piling up
+memory. Admitted audio waits in its model's queue; a worker takes the oldest job, waits at most
 ``max_queue_delay_ms`` (counted from that job's arrival) for company, adds the queued jobs
 closest to it in length (so padding stays small) up to ``max_batch_size``, drops jobs whose
 deadline passed or whose client went away, runs one padded batch in the inference executor
-and hands each caller its own transcript.
+and hands each caller its own best path.
 
 Concurrency: ``workers`` batches run at once (default 1), each with ONNX Runtime's intra-op
 threads; on a CPU host more concurrent runs than cores only adds contention
@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from service.decoding import FramePath
 from service.errors import ServiceUnavailable
-from service.models import Recognizer, Transcript
+from service.features import NormStats
+from service.models import Recognizer
 
 # Padding allowed when grouping by length: the batch's padded frames may exceed its real
 # frames by at most this fraction (beyond it, the extra job waits for a batch of its own).
@@ -47,7 +49,8 @@ class DeadlineExceeded(Exception):
 @dataclass(eq=False)
 class Job:
     samples: npt.NDArray[np.float32]
-    future: asyncio.Future[Transcript]
+    stats: NormStats | None  # a long recording's normalization, for one of its windows
+    future: asyncio.Future[FramePath]
     enqueued: float  # time.monotonic()
     deadline: float  # time.monotonic(); math.inf = none
     started: float = 0.0  # when its batch began, 0 while queued
@@ -75,7 +78,6 @@ class Scheduler:
         *,
         max_batch_size: int,
         max_queue_delay_ms: float,
-        capacity: int,
         workers: int = 1,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
@@ -83,10 +85,8 @@ class Scheduler:
         self.executor = executor
         self.max_batch_size = max(1, max_batch_size)
         self.max_delay_s = max(0.0, max_queue_delay_ms) / 1000.0
-        self.capacity = max(1, capacity)
         self.workers = max(1, workers)
         self.on_batch = on_batch
-        self.admitted = 0  # requests holding a slot (uploading, decoding, queued or computing)
         self.max_queued = 0
         self._queue: list[Job] = []
         self._changed: asyncio.Event | None = None
@@ -107,7 +107,7 @@ class Scheduler:
                 job.future.set_exception(ServiceUnavailable("shutting_down", "the server is shutting down"))
         self._queue.clear()
 
-    # -- admission and submission -----------------------------------------------------------
+    # -- submission -----------------------------------------------------------
     @property
     def queued(self) -> int:
         return len(self._queue)
@@ -117,22 +117,10 @@ class Scheduler:
         queued_s = sum(j.n for j in self._queue) / self.recognizer.sample_rate
         return max(1, math.ceil(queued_s * self._rtf_estimate / self.workers))
 
-    def admit(self) -> None:
-        """Take one of ``capacity`` admission slots (held until ``release``), or refuse with 503."""
-        if self.admitted >= self.capacity:
-            raise ServiceUnavailable(
-                "queue_full",
-                f"server busy: {self.admitted} requests in progress for model '{self.recognizer.name}' "
-                f"(capacity {self.capacity}); retry later",
-                self.retry_after_s(),
-            )
-        self.admitted += 1
-
-    def release(self) -> None:
-        self.admitted -= 1
-
-    async def transcribe(self, samples: npt.NDArray[np.float32], deadline: float = math.inf) -> Transcript:
-        """Queue ``samples`` and wait for its transcript.
+    async def infer(
+        self, samples: npt.NDArray[np.float32], deadline: float = math.inf, stats: NormStats | None = None
+    ) -> FramePath:
+        """Queue ``samples`` and wait for its best path (``Recognizer.decode`` makes it a transcript).
 
         Raises ``DeadlineExceeded`` when the deadline passes before the job's batch starts.
         Cancelling the awaiting task (client gone) removes a queued job; a job whose batch
@@ -140,7 +128,7 @@ class Scheduler:
         """
         assert self._changed is not None, "scheduler not started"
         loop = asyncio.get_running_loop()
-        job = Job(samples, loop.create_future(), time.monotonic(), deadline)
+        job = Job(samples, stats, loop.create_future(), time.monotonic(), deadline)
         self._queue.append(job)
         self.max_queued = max(self.max_queued, len(self._queue))
         self._changed.set()
@@ -210,7 +198,7 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
-                    self.executor, self.recognizer.transcribe, [j.samples for j in live]
+                    self.executor, self.recognizer.paths, [j.samples for j in live], [j.stats for j in live]
                 )
             except Exception as e:  # an ORT failure fails this batch's callers, not the worker
                 for job in live:

@@ -108,6 +108,7 @@ class NemoModel:
     files: list[Path]
     arrays: dict[str, np.ndarray]
     transcripts: list[str]
+    words: list[list[dict[str, Any]]]  # NeMo's transcribe(timestamps=True) word offsets per file
 
 
 def _digest(paths: list[Path], extra: str) -> str:
@@ -200,6 +201,7 @@ def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
         files=files,
         arrays=arrays,
         transcripts=ref["transcripts"],
+        words=ref["words"],
     )
 
 

@@ -91,3 +91,24 @@ def test_transcripts_independent_of_batching(conformer: NemoModel, batch: int) -
     for s in range(0, len(audios), batch):
         texts += [t.text for t in rec.transcribe(audios[s : s + batch])]
     assert texts == conformer.transcripts
+
+
+def test_word_timings_match_nemo_timestamps(nemo_model: NemoModel) -> None:
+    """Same words as NeMo's transcribe(timestamps=True), start and end within one encoder frame."""
+    rec = recognizer(nemo_model)
+    shift = rec.frame_shift_s
+    compared = worst = 0
+    for f, ref_words, t in zip(
+        nemo_model.files, nemo_model.words, rec.transcribe([load(f) for f in nemo_model.files]), strict=True
+    ):
+        ours = t.words
+        # NeMo keeps the spaces SentencePiece puts around <unk> (" \u2047 "); the API strips them.
+        ref_words = [r for r in ref_words if r["word"].strip()]
+        assert [w.word for w in ours] == [r["word"].strip() for r in ref_words], f.name
+        for w, r in zip(ours, ref_words, strict=True):
+            worst = max(worst, abs(w.start_frame - r["start_offset"]), abs(w.end_frame - r["end_offset"]))
+            assert abs(w.start - r["start"]) <= shift + 1e-6 and abs(w.end - r["end"]) <= shift + 1e-6, (f.name, w, r)
+            assert 0.0 <= w.confidence <= 1.0
+            compared += 1
+    assert compared >= 30  # the random models still say enough words to compare
+    print(f"{nemo_model.arch}: {compared} words, worst offset difference vs NeMo {worst} frames")

@@ -74,11 +74,11 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_nemo_transcript(
 def test_batches_group_similar_lengths(conformer: NemoModel) -> None:
     """The oldest job goes first, with the queued jobs nearest its length; far lengths wait."""
     pkg = ModelPackage.open(conformer.model_dir, conformer.tokens_dir, conformer.name)
-    sched = Scheduler(Recognizer(pkg), ThreadPoolExecutor(1), max_batch_size=3, max_queue_delay_ms=0, capacity=10)
+    sched = Scheduler(Recognizer(pkg), ThreadPoolExecutor(1), max_batch_size=3, max_queue_delay_ms=0)
     from service.scheduler import Job
 
     def job(seconds: float) -> Job:
-        return Job(np.zeros(int(seconds * 16000), np.float32), None, 0.0, math.inf)  # type: ignore[arg-type]
+        return Job(np.zeros(int(seconds * 16000), np.float32), None, None, 0.0, math.inf)  # type: ignore[arg-type]
 
     lengths = [2.0, 10.0, 2.2, 9.0, 1.9, 2.1, 30.0]
     sched._queue = [job(s) for s in lengths]

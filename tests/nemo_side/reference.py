@@ -2,7 +2,7 @@
 
 For each file: the preprocessor's features in eval mode (dither 0, pad_to 0, as transcribe()
 sets them), the model's log-probs and encoder lengths from its forward pass on the raw audio,
-and ``model.transcribe()``'s text. Also the features of all files as one padded batch of
+and ``model.transcribe()``'s text and word timestamps. Also the features of all files as one padded batch of
 unequal lengths. The runtime tests compare the service against these.
 
 Usage: python tests/nemo_side/reference.py --nemo model.nemo --out DIR FILE.wav ...
@@ -69,11 +69,23 @@ def main() -> None:
 
     hyps = model.transcribe([str(f) for f in args.files], batch_size=4, verbose=False)
     texts = [h.text if hasattr(h, "text") else str(h) for h in hyps]
+    # Word timings as NeMo computes them (transcribe(timestamps=True): offsets in encoder frames,
+    # start/end in seconds).
+    timed = model.transcribe([str(f) for f in args.files], batch_size=4, verbose=False, timestamps=True)
+    words = [
+        [
+            {k: (float(w[k]) if k != "word" else str(w[k])) for k in ("word", "start_offset", "end_offset", "start", "end")}
+            for w in h.timestamp["word"]
+        ]
+        for h in timed
+    ]
 
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez(args.out / "reference.npz", **arrays)
     (args.out / "reference.json").write_text(
-        json.dumps({"files": [str(f) for f in args.files], "transcripts": texts}, indent=1, ensure_ascii=False)
+        json.dumps(
+            {"files": [str(f) for f in args.files], "transcripts": texts, "words": words}, indent=1, ensure_ascii=False
+        )
     )
 
 
