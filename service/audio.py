@@ -131,8 +131,8 @@ def sniff(head: bytes) -> str | None:
         return "CAF"
     if head[:4] == b"MThd":
         return "MIDI"
-    text = head.lstrip()
-    if text[:1] in (b"{", b"[", b"<") or (text and all(32 <= c < 127 or c in (9, 10, 13) for c in text[:32])):
+    text = head.lstrip()[:32]
+    if len(text) >= 8 and all(32 <= c < 127 or c in (9, 10, 13) for c in text):
         return "text"
     return None
 
@@ -199,7 +199,10 @@ class AudioSource:
             raise ClientError(400, "empty_file", "the uploaded file is empty")
         head = f.read(64)
         found = sniff(head)
-        self._raw = raw if found is None else None  # a recognised header wins over declared raw PCM
+        # Declared raw PCM is read as such unless the bytes begin with an audio file's magic
+        # (PCM samples can look like anything else, an MPEG frame sync or text included).
+        strong = found in ("WAV", "FLAC", "AIFF", "AU") or (found or "").startswith("OGG") or head[:3] == b"ID3"
+        self._raw = None if strong else raw
         if self._raw is None:
             _check_riff(f, size)
         self._sf = self._open(found, head)

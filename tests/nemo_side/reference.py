@@ -74,7 +74,10 @@ def main() -> None:
     timed = model.transcribe([str(f) for f in args.files], batch_size=4, verbose=False, timestamps=True)
     words = [
         [
-            {k: (float(w[k]) if k != "word" else str(w[k])) for k in ("word", "start_offset", "end_offset", "start", "end")}
+            {
+                k: (float(w[k]) if k != "word" else str(w[k]))
+                for k in ("word", "start_offset", "end_offset", "start", "end")
+            }
             for w in h.timestamp["word"]
         ]
         for h in timed
