@@ -563,7 +563,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get(
         "/health",
-        summary="Readiness: 200 once the default model is loaded and warmed up; every model's state",
+        summary="Readiness: 200 once the default and preloaded models are loaded and warmed up; every model's state",
         responses={503: {"description": "loading, broken or shutting down, with a reason"}},
     )
     async def health() -> JSONResponse:
@@ -575,8 +575,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.state.draining:
             body = {"status": "draining", "model": default.name, "reason": "the server is shutting down"}
             return JSONResponse({**body, "models": models}, status_code=503)
-        if default.status == "ready":
+        pending = [n for n in registry.preload if registry.entries[n].status == "loading"]
+        if default.status == "ready" and not pending:
             return JSONResponse({"status": "ok", "model": default.name, "models": models})
+        if default.status == "ready":  # ASR_PRELOAD_MODELS: ready once all of them have loaded (or failed)
+            body = {"status": "loading", "model": default.name, "reason": f"preloading {', '.join(pending)}"}
+            return JSONResponse({**body, "models": models}, status_code=503, headers={"Retry-After": "2"})
         return JSONResponse(
             {"status": default.status, "model": default.name, "reason": default.reason, "models": models},
             status_code=503,
