@@ -15,9 +15,11 @@ never in an exception the API would turn into a 500.
 from __future__ import annotations
 
 import io
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -305,3 +307,13 @@ class AudioSource:
         """The whole recording (for inputs short enough to run in one piece)."""
         parts = list(self.blocks())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_audio(path: str | Path, target_rate: int) -> tuple[npt.NDArray[np.float32], AudioInfo]:
+    """A whole audio file from disk, as the service would decode it (offline tools, tests)."""
+    with open(path, "rb") as f:
+        src = AudioSource(f, target_rate, max_duration_s=math.inf, min_duration_s=0.0)
+        try:
+            return src.read(), src.info
+        finally:
+            src.close()

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from service.decoding import FramePath
 from service.features import FeatureExtractor, NormStats
+from service.models import Recognizer, Transcript
 
 
 @dataclass(frozen=True)
@@ -122,3 +124,23 @@ def windows(blocks: Iterator[npt.NDArray[np.float32]], plan: ChunkPlan) -> Itera
         k += 1
         drop = max(0, (k * core - ctx) - buf_start)
         buf, buf_start = buf[drop:], buf_start + drop
+
+
+def transcribe_in_windows(rec: Recognizer, samples: npt.NDArray[np.float32], plan: ChunkPlan) -> tuple[Transcript, int]:
+    """The server's windowed path, in process and synchronous (benchmarks, offline tools).
+
+    Returns the transcript and the number of windows (1: short enough to run unchunked).
+    """
+
+    def blocks() -> Iterator[npt.NDArray[np.float32]]:
+        step = 10 * rec.sample_rate
+        return (samples[i : i + step] for i in range(0, samples.shape[0], step))
+
+    first = scan(blocks(), plan, rec.features)
+    if first.samples is not None:
+        return rec.decode(rec.paths([first.samples])[0]), 1
+    parts = []
+    for w in windows(blocks(), plan):
+        out = rec.paths([w.samples], [first.stats])[0]
+        parts.append(out.slice(w.keep_from, len(out) if w.keep_to is None else w.keep_to))
+    return rec.decode(FramePath.concat(parts)), len(parts)

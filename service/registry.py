@@ -34,6 +34,14 @@ log = logging.getLogger("service")
 Status = Literal["unloaded", "loading", "ready", "failed"]
 
 
+def default_model_name(settings: Settings) -> str:
+    """``ASR_DEFAULT_MODEL``, else the first package in the models directory by name."""
+    if settings.default_model:
+        return settings.default_model
+    names = list_packages(settings.model_dir)
+    return names[0] if names else "(none)"
+
+
 class AdmissionGate:
     """At most ``capacity`` requests in progress server-wide (uploading, queued or computing)."""
 
@@ -85,7 +93,7 @@ class ModelRegistry:
         self._stopping: set[asyncio.Future[None]] = set()
         self.refresh()
         names = list(self.entries)
-        self.default = settings.default_model or (names[0] if names else "(none)")
+        self.default = default_model_name(settings)
         if self.default not in self.entries:
             self.entries[self.default] = ModelEntry(self.default)  # fails to load, with a reason
         preload = [n.strip() for n in settings.preload_models if n.strip()]

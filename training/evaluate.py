@@ -1,6 +1,6 @@
 """Step 5: WER and CER (jiwer) of a model package, through the runtime the service uses.
 
-Each test manifest's audio goes through ``service.audio.load_audio`` and
+Each test manifest's audio goes through ``service.audio.read_audio`` and
 ``service.models.Recognizer`` (numpy features, ONNX Runtime, greedy CTC): exactly the
 service's path, without HTTP. Prints a Markdown table.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jiwer
 
-from service.audio import load_audio
+from service.audio import read_audio
 from service.config import Settings
 from service.models import ModelPackage, Recognizer
 
@@ -35,9 +35,9 @@ def evaluate(rec: Recognizer, manifest: Path, batch: int = 8, limit: int = 0) ->
         chunk = items[i : i + batch]
         audios = []
         for it in chunk:
-            a = load_audio(Path(it["audio_filepath"]).read_bytes(), rec.sample_rate, 1e9, 0.0)
-            audios.append(a.samples)
-            audio_s += a.duration_s
+            samples, _ = read_audio(it["audio_filepath"], rec.sample_rate)
+            audios.append(samples)
+            audio_s += samples.shape[0] / rec.sample_rate
         hyps += [t.text for t in rec.transcribe(audios)]
         refs += [it["text"] for it in chunk]
     elapsed = time.perf_counter() - t0
@@ -62,9 +62,9 @@ def main() -> None:
 
     s = Settings()
     model_dir, tokens_dir = args.model_dir or s.model_dir, args.tokens_dir or s.tokens_dir
-    from service.app import pick_default_model
+    from service.registry import default_model_name
 
-    name = args.model or pick_default_model(s)
+    name = args.model or default_model_name(s)
     rec = Recognizer(ModelPackage.open(model_dir, tokens_dir, name), intra_op_threads=s.resolved_intra_op_threads())
     results = {m.stem: evaluate(rec, m, limit=args.limit) for m in args.sets}
     print(f"model: {name}\n")
