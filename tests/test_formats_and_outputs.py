@@ -5,6 +5,7 @@ client against the OpenAI-compatible surface."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_verbose_json_words_and_segments(server: str, conformer: NemoModel) -> N
         assert abs(w["start"] - n["start"]) < 1e-3 and abs(w["end"] - n["end"]) < 1e-3
         assert 0 <= w["confidence"] <= 1
     assert " ".join(s["text"] for s in segments) == " ".join(w["word"] for w in words)
-    for a, b in zip(segments, segments[1:], strict=False):
+    for a, b in itertools.pairwise(segments):
         assert a["end"] <= b["start"] + 1e-6
     assert segments[-1]["end"] <= body["duration_s"] + 0.05
 
@@ -181,7 +182,7 @@ def test_text_srt_vtt(server: str, conformer: NemoModel) -> None:
     times = [re.match(rf"{SRT_TIME} --> {SRT_TIME}$", c.split("\n")[1]) for c in cues]
     assert all(times)
     spans = [(seconds(*m.groups()[:4]), seconds(*m.groups()[4:])) for m in times if m]
-    assert all(a < b for a, b in spans) and all(p[1] <= n[0] for p, n in zip(spans, spans[1:], strict=False))
+    assert all(a < b for a, b in spans) and all(p[1] <= n[0] for p, n in itertools.pairwise(spans))
     text = " ".join(" ".join(c.split("\n")[2:]) for c in cues)
     assert text.split() == conformer.transcripts[5].split()
 
@@ -266,9 +267,8 @@ def test_openai_client(server: str, conformer: NemoModel) -> None:
     with path.open("rb") as f:
         srt = client.audio.transcriptions.create(model=conformer.name, file=f, response_format="srt")
     assert isinstance(srt, str) and " --> " in srt
-    with pytest.raises(openai.NotFoundError):
-        with path.open("rb") as f:
-            client.audio.transcriptions.create(model="no-such-model", file=f)
+    with pytest.raises(openai.NotFoundError), path.open("rb") as f:
+        client.audio.transcriptions.create(model="no-such-model", file=f)
     with pytest.raises(
         openai.UnsupportedMediaTypeError if hasattr(openai, "UnsupportedMediaTypeError") else openai.APIStatusError
     ) as e:

@@ -10,6 +10,7 @@ with 60 s windows on test_conformer), which says nothing about how windows are m
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 
 import httpx
@@ -37,7 +38,7 @@ def test_window_cores_tile_the_recording(n: int) -> None:
         end = int(w.samples[-1]) + 1 if w.keep_to is None else int(w.samples[0]) + w.keep_to * 640
         covered.append((start, end))
     assert covered[0][0] == 0 and covered[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
 
 
 def long_speech(m: NemoModel, seconds: float) -> np.ndarray:
