@@ -152,6 +152,11 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers (0 suits 2 CPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all usable CPUs")
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
+    p.add_argument(
+        "--save-only",
+        action="store_true",
+        help="train nothing: write <run>/model.nemo from the best checkpoint so far (after stopping a run early)",
+    )
     args = p.parse_args()
     logging.getLogger("nemo_logger").setLevel(logging.WARNING)
 
@@ -214,9 +219,12 @@ def main() -> None:
         f"({args.epochs} passes over {total_s / 3600:.2f} h), validation every {val_every} steps"
     )
     last = args.run / "checkpoints" / "last.ckpt"
-    trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
-
-    best = ckpt.best_model_path
+    if args.save_only:  # checkpoints are named best-step=N-val_wer=W.ckpt: the lowest W wins
+        found = sorted((args.run / "checkpoints").glob("best-*.ckpt"), key=lambda p: float(p.stem.split("=")[-1]))
+        best = str(found[0]) if found else ""
+    else:
+        trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
+        best = ckpt.best_model_path
     if best:
         model = EncDecCTCModelBPE.load_from_checkpoint(best, cfg=cfg, map_location="cpu")
     model.save_to(str(args.run / "model.nemo"))
