@@ -4,13 +4,16 @@ A NeMo ``EncDecCTCModelBPE``: SentencePiece BPE tokenizer (128 pieces) trained o
 training text, Conformer encoder (d_model 144, 8 layers, 4 heads; striding subsampling x4 by
 default, ``--subsampling 8`` for the FastConformer's depthwise x8), CTC decoder; ~4.6 M
 parameters. Measured here: x4 leaves the CTC blank plateau far sooner than x8 (see
-training/README.md). Resumable: checkpoints go to ``<run>/checkpoints`` and ``--resume``
-continues from ``last.ckpt``; ``--max-minutes`` stops cleanly (Lightning ``max_time``).
+training/README.md). Resumable on the same machine: checkpoints go to ``<run>/checkpoints``
+and ``--resume`` continues from ``last.ckpt``; ``--max-minutes`` stops cleanly (Lightning
+``max_time``). Across machines (this project's build machines start empty every session):
+``--init-from models/<name>/model.fp16.nemo`` continues from the committed default model.
 
 Usage:
     python -m training.train --data training/data/audio --run training/runs/en --epochs 30 \
-        --max-minutes 60 [--resume]
-Writes <run>/model.nemo (best checkpoint by validation WER) at the end.
+        --max-minutes 60 [--resume | --init-from PATH.nemo]
+Writes <run>/model.nemo (best checkpoint by validation WER) and its fp16 copy
+<run>/model.fp16.nemo at the end (or at once, with --save-only, from a stopped run).
 """
 
 from __future__ import annotations
@@ -137,6 +140,35 @@ def train_tokenizer(data: Path, out: Path) -> Path:
     return tok_dir
 
 
+def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
+    """Weights and tokenizer of an earlier run's ``.nemo`` (fp16 or fp32), to continue from.
+
+    The tokenizer goes into ``<run>/tokenizer`` (so ``train_tokenizer`` keeps it: token ids must
+    not change); the weights come back as float32, for ``load_state_dict`` on the fresh model.
+    """
+    import tarfile
+
+    import torch
+
+    tok_dir = run / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    weights: dict[str, Any] = {}
+    with tarfile.open(nemo) as tar:
+        for m in tar.getmembers():
+            base = m.name.rsplit("/", 1)[-1]
+            f = tar.extractfile(m)
+            if f is None:
+                continue
+            if base == "model_weights.ckpt":
+                weights = torch.load(f, map_location="cpu", weights_only=True)
+            for want in ("tokenizer.model", "tokenizer.vocab", "vocab.txt"):
+                if base == want or base.endswith("_" + want):
+                    (tok_dir / want).write_bytes(f.read())
+    if not weights or not (tok_dir / "tokenizer.model").exists():
+        raise SystemExit(f"{nemo}: no model_weights.ckpt or tokenizer.model inside; is it a .nemo file?")
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("training/data/audio"))
@@ -152,6 +184,12 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers (0 suits 2 CPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all usable CPUs")
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from this .nemo's weights and tokenizer (e.g. models/<name>/model.fp16.nemo, the shipped "
+        "default): a run continues across machines from what was committed; optimizer and schedule start afresh",
+    )
     p.add_argument(
         "--save-only",
         action="store_true",
@@ -169,6 +207,7 @@ def main() -> None:
     pl.seed_everything(SEED, workers=True)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     args.run.mkdir(parents=True, exist_ok=True)
+    init = warm_start(args.init_from, args.run) if args.init_from else None
     tok_dir = train_tokenizer(args.data, args.run)
     cfg = OmegaConf.create(
         model_config(
@@ -213,6 +252,9 @@ def main() -> None:
         use_distributed_sampler=False,  # lhotse samples itself
     )
     model = EncDecCTCModelBPE(cfg=cfg, trainer=trainer)
+    if init is not None:
+        model.load_state_dict(init)
+        print(f"initialized from {args.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"parameters: {n_params / 1e6:.2f} M; device: {'gpu' if gpu else 'cpu'}; {max_steps} steps "
@@ -228,7 +270,10 @@ def main() -> None:
     if best:
         model = EncDecCTCModelBPE.load_from_checkpoint(best, cfg=cfg, map_location="cpu")
     model.save_to(str(args.run / "model.nemo"))
-    print(f"saved {args.run / 'model.nemo'} (from {best or 'last weights'})")
+    # Half the size, for committing beside the shipped package: the next run starts from it
+    # (--init-from), on any machine, since runs/ itself is never committed.
+    model.half().save_to(str(args.run / "model.fp16.nemo"))
+    print(f"saved {args.run / 'model.nemo'} and model.fp16.nemo (from {best or 'last weights'})")
 
 
 if __name__ == "__main__":
