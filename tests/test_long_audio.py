@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import jiwer
@@ -22,7 +23,7 @@ import soundfile as sf
 from service.config import Settings
 from service.longform import ChunkPlan, windows
 from service.models import ModelPackage, Recognizer
-from tests.conftest import NemoModel
+from tests.conftest import speech_files
 from tests.server import running_server
 
 
@@ -41,12 +42,12 @@ def test_window_cores_tile_the_recording(n: int) -> None:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
 
 
-def long_speech(m: NemoModel, seconds: float) -> np.ndarray:
+def long_speech(files: list[Path], seconds: float) -> np.ndarray:
     """Real speech: the fixture's espeak clips one after another with short pauses."""
     parts, total = [], 0
     i = 0
     while total < seconds * 16000:
-        x, _ = sf.read(str(m.files[i % len(m.files)]), dtype="float32")
+        x, _ = sf.read(str(files[i % len(files)]), dtype="float32")
         parts += [x, np.zeros(4800 + 800 * (i % 7), np.float32)]
         total += x.shape[0] + parts[-1].shape[0]
         i += 1
@@ -65,8 +66,8 @@ def default_recognizer() -> Recognizer:
 
 
 @pytest.mark.parametrize("seconds", [95, 180])
-def test_chunked_transcript_matches_unchunked(server: str, conformer: NemoModel, seconds: float) -> None:
-    x = long_speech(conformer, seconds)
+def test_chunked_transcript_matches_unchunked(server: str, speech_dir: Path, seconds: float) -> None:
+    x = long_speech(speech_files(speech_dir), seconds)
     whole = default_recognizer().transcribe([x])[0]  # one pass over the whole recording, as NeMo would run it
     buf = io.BytesIO()
     sf.write(buf, x, 16000, subtype="FLOAT", format="WAV")
@@ -93,14 +94,14 @@ def post_wav(url: str, x: np.ndarray) -> httpx.Response:
     return httpx.post(f"{url}/transcribe", files={"file": ("talk.wav", buf.getvalue())}, timeout=600)
 
 
-def test_twenty_minute_file_in_bounded_memory(server: str, conformer: NemoModel) -> None:
+def test_twenty_minute_file_in_bounded_memory(server: str, speech_dir: Path) -> None:
     """A 20-minute WAV in one request costs no more peak memory than a 3-minute one.
 
     Peak RSS is the process's high-water mark. A 3-minute file first brings it to what one
     window needs; the 20-minute file must then add well under its own decoded size (77 MB as
     float32 samples; 230 MB for an hour), since only one window is held at a time.
     """
-    x = long_speech(conformer, 1200)
+    x = long_speech(speech_files(speech_dir), 1200)
     assert post_wav(server, x[: 180 * 16000]).status_code == 200
     peak_short = httpx.get(f"{server}/stats").json()["peak_rss_mb"]
     r = post_wav(server, x)
