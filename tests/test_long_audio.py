@@ -1,10 +1,13 @@
 """Long recordings: windows tile the audio exactly, and the merged transcript of a chunked
 60-180 s recording matches unchunked decoding (jiwer WER <= 1 %), over real HTTP.
 
-These run on the bundled default model. The random NeMo test models are no use here: with
-random weights every encoder frame attends to the whole recording alike, so any window,
-however wide, changes frames far from its edges (measured: 44 of 4500 frames, WER 6.5 %
-with 60 s windows on test_conformer), which says nothing about how windows are merged.
+The model is a random NeMo Conformer whose attention sees +-16 frames (``--arch local``):
+local, as trained models are. A random model with full attention is no use here: every
+encoder frame attends to the whole recording alike, so any window, however wide, changes
+frames far from its edges (measured: 44 of 4500 frames, WER 6.5 % with 60 s windows on
+test_conformer), which says nothing about how windows are merged. On the local model the
+merged windows give the unchunked frames exactly, and per-window normalization would not
+(measured: 143 of 4500 frames differ, WER 27 %; hence ``service.longform.scan``).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from service.config import Settings
 from service.longform import ChunkPlan, windows
 from service.models import ModelPackage, Recognizer
-from tests.conftest import speech_files
+from tests.conftest import NemoModel, build_nemo_model, speech_files
 from tests.server import running_server
+from tests.test_api import model_env
 
 
 @pytest.mark.parametrize("n", [1, 639, 640 * 1500, 640 * 1500 + 1, 640 * 2250, 16000 * 181 + 77])
@@ -55,20 +58,21 @@ def long_speech(files: list[Path], seconds: float) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with running_server({}) as url:  # the bundled default model; 60 s windows + 10 s context each side
+def local(speech_dir: Path) -> NemoModel:
+    return build_nemo_model("local", speech_files(speech_dir))
+
+
+@pytest.fixture(scope="module")
+def server(local: NemoModel) -> Iterator[str]:
+    with running_server(model_env(local)) as url:  # defaults: 60 s windows + 10 s context each side
         yield url
 
 
-def default_recognizer() -> Recognizer:
-    s = Settings()
-    return Recognizer(ModelPackage.open(s.model_dir, s.tokens_dir, s.default_model or "stand_in_random_ctc"))
-
-
 @pytest.mark.parametrize("seconds", [95, 180])
-def test_chunked_transcript_matches_unchunked(server: str, speech_dir: Path, seconds: float) -> None:
-    x = long_speech(speech_files(speech_dir), seconds)
-    whole = default_recognizer().transcribe([x])[0]  # one pass over the whole recording, as NeMo would run it
+def test_chunked_transcript_matches_unchunked(server: str, local: NemoModel, seconds: float) -> None:
+    x = long_speech(local.files, seconds)
+    rec = Recognizer(ModelPackage.open(local.model_dir, local.tokens_dir, local.name))
+    whole = rec.transcribe([x])[0]  # one pass over the whole recording, as NeMo would run it
     buf = io.BytesIO()
     sf.write(buf, x, 16000, subtype="FLOAT", format="WAV")
     r = httpx.post(

@@ -44,6 +44,9 @@ ARCHS = {
     "fastconformer": {"subsampling": "dw_striding", "subsampling_factor": 8, "d_model": 64, "n_heads": 4},
     # Character-level EncDecCTCModel (no SentencePiece), like the older QuartzNet/Conformer-char models.
     "char": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
+    # Conformer-CTC whose attention sees +-16 frames (0.64 s): a random model that is local like a
+    # trained one, so windowed decoding of long audio can be compared with unchunked decoding.
+    "local": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4, "att_context": [16, 16]},
     # The exact shape of stt_hi_conformer_ctc_medium (for bench/: speed depends on shape, not weights).
     "medium": {
         "subsampling": "striding",
@@ -109,7 +112,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
             "ff_expansion_factor": a.get("ff_expansion_factor", 2),
             "self_attention_model": "rel_pos",
             "n_heads": a["n_heads"],
-            "att_context_size": [-1, -1],
+            "att_context_size": a.get("att_context", [-1, -1]),
             "xscaling": True,
             "untie_biases": True,
             "pos_emb_max_len": 5000,
