@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The whole default-model recipe on an empty machine: text, speech, training, export, evaluation.
 #
-#   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M]
+#   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M] [--batch-duration S] [--init-from PATH.nemo]
+#
+# --init-from models/<name>/model.fp16.nemo continues from the committed default model (the
+# build machines start empty each session, so training/runs/ never survives between them).
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc
+TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=40; INIT=()
 while [ $# -gt 0 ]; do
   case $1 in
     --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
-    --name) NAME=$2; shift 2;; *) echo "unknown option $1" >&2; exit 2;;
+    --name) NAME=$2; shift 2;; --batch-duration) BATCH=$2; shift 2;;
+    --init-from) INIT=(--init-from "$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
 
@@ -30,8 +34,10 @@ PY=${PYTHON:-python3}
 .venv-export/bin/python -m training.text --out training/data/text
 .venv-export/bin/python -m training.synth --text training/data/text --out training/data/audio --train "$TRAIN"
 .venv-export/bin/python -m training.train --data training/data/audio --run "training/runs/$NAME" \
-  --epochs "$EPOCHS" --max-minutes "$MAXMIN" --resume
+  --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
   --max-audio-s 300
+# The fp16 NeMo weights ride along in the package (within its 30 MB): the next run starts from them.
+cp "training/runs/$NAME/model.fp16.nemo" "models/$NAME/model.fp16.nemo"
 .venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
   --sets training/data/audio/test_voices.json training/data/audio/test_heldout.json training/data/audio/test_noisy.json
