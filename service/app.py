@@ -459,7 +459,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         out = await until_disconnect(
                             request, sched.infer(win.samples, time.monotonic() + timeout_s, first.stats)
                         )
-                        parts.append(out.slice(win.keep_from, len(out) if win.keep_to is None else win.keep_to))
+                        parts.append(win.keep(out))
                     path, chunks = FramePath.concat(parts), len(parts)
                 transcript = await prep(rec.decode, path)
             finally:

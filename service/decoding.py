@@ -97,12 +97,15 @@ class Detokenizer:
                 raise ValueError(f"tokenizer has {self._sp.get_piece_size()} pieces, token map has {len(pieces)}")
             # NeMo's rule: a piece starts a word when decoding changes it (a U+2581 prefix, <unk>).
             self._starts_word = [str(self._sp.decode_pieces([p])) != p for p in pieces]
-        self._punct_set = set(supported_punctuation)
         self._punct = (
             re.compile(r"(\s)(" + "|".join(re.escape(p) for p in supported_punctuation) + ")")
             if supported_punctuation
             else None
         )
+        # Per vocabulary id: is it a supported punctuation mark (a mark ends where it starts and
+        # joins the word before it)?
+        marks = set(supported_punctuation)
+        self._is_punct = [bool(t) and t in marks for t in (self([i]).strip() for i in range(len(pieces)))]
 
     def words(self, align: Alignment, frame_shift_s: float) -> list[Word]:
         """Group an alignment's tokens into timed words, as NeMo's ``get_words_offsets`` does."""
@@ -110,9 +113,8 @@ class Detokenizer:
         # NeMo's token offsets: [previous emission, own emission); the first starts a frame early.
         starts = [max(0, align.emitted[0] - 1), *align.emitted[:-1]] if n else []
         ends = list(align.emitted)
-        texts = [self([i]) for i in align.ids]
         is_space = [self._sp is None and self.pieces[i] == SPACE_PIECE for i in align.ids]
-        punct = [bool(self._punct_set) and t.strip() in self._punct_set and t.strip() != "" for t in texts]
+        punct = [self._is_punct[i] for i in align.ids]
         for k in range(1, n):
             if punct[k]:
                 ends[k] = starts[k]

@@ -72,7 +72,7 @@ def word_dict(w: Word, confidence: bool = True) -> dict[str, Any]:
     return d
 
 
-def segment_dict(i: int, s: Segment, token_ids: list[int] | None = None) -> dict[str, Any]:
+def segment_dict(i: int, s: Segment) -> dict[str, Any]:
     return {
         "id": i,
         "start": s.start,

@@ -94,6 +94,10 @@ class Window:
     keep_from: int  # encoder frames of this window's output that belong to its core
     keep_to: int | None  # None: to the end (the last window)
 
+    def keep(self, path: FramePath) -> FramePath:
+        """The frames of this window's output that belong to its core."""
+        return path.slice(self.keep_from, len(path) if self.keep_to is None else self.keep_to)
+
 
 def windows(blocks: Iterator[npt.NDArray[np.float32]], plan: ChunkPlan) -> Iterator[Window]:
     """Overlapping windows over a recording read block by block; holds at most a window plus a block."""
@@ -141,6 +145,5 @@ def transcribe_in_windows(rec: Recognizer, samples: npt.NDArray[np.float32], pla
         return rec.decode(rec.paths([first.samples])[0]), 1
     parts = []
     for w in windows(blocks(), plan):
-        out = rec.paths([w.samples], [first.stats])[0]
-        parts.append(out.slice(w.keep_from, len(out) if w.keep_to is None else w.keep_to))
+        parts.append(w.keep(rec.paths([w.samples], [first.stats])[0]))
     return rec.decode(FramePath.concat(parts)), len(parts)

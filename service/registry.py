@@ -15,6 +15,7 @@ model, because they share the cores and the memory; it is decided before the bod
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -79,11 +80,6 @@ class ModelEntry:
     last_used: float = 0.0
     loaded: asyncio.Future[None] | None = None
 
-    @property
-    def recognizer(self) -> Recognizer:
-        assert self.scheduler is not None
-        return self.scheduler.recognizer
-
 
 class ModelRegistry:
     def __init__(self, settings: Settings, metrics: Metrics, infer_pool: Executor):
@@ -110,13 +106,16 @@ class ModelRegistry:
         """Pick up packages added to the models directory since the last look."""
         for name in list_packages(self.settings.model_dir):
             if name not in self.entries:
+                # Only model.json is read here: the package is opened (and its ONNX file
+                # checksummed) once, when it loads; a broken package fails then, with its reason.
                 entry = ModelEntry(name)
+                pkg_dir = self.settings.model_dir / name
                 try:
-                    pkg = ModelPackage.open(self.settings.model_dir, self.settings.tokens_dir, name)
-                    entry.language = pkg.meta.get("language")
-                    entry.file_mb = pkg.onnx_path.stat().st_size / 2**20
-                except PackageError as e:
-                    entry.status, entry.reason = "failed", str(e)
+                    meta = json.loads((pkg_dir / "model.json").read_text())
+                    entry.language = meta.get("language")
+                    entry.file_mb = (pkg_dir / meta["onnx"]["file"]).stat().st_size / 2**20
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
                 self.entries[name] = entry
 
     def resolve(self, model: str | None, language: str | None) -> ModelEntry:
