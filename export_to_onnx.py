@@ -262,6 +262,7 @@ def export(
     check: bool,
 ) -> Path:
     import nemo
+    import numpy as np
     import torch
 
     model = load_model(source)
@@ -270,12 +271,18 @@ def export(
     feats = feature_params(model, framing or nemo_framing())
     sub = subsampling_params(model)
 
-    # The relative positional encoding is a constant of fixed length inside the graph: raise it
-    # so inputs up to max_audio_s run (NeMo's default, 5000 encoder frames, is ~200 s at 40 ms).
+    # The relative positional encoding is a constant of fixed length inside the graph
+    # (2 x frames x d_model floats): size it to the encoder frames of max_audio_s, no more and no
+    # less, so a short limit makes a small file (NeMo's own default is 5000 frames, ~200 s at
+    # 40 ms, 5.8 MB at d_model 144). The service never sends a longer window (ChunkPlan).
     frame_s = feats["hop_length"] / feats["sample_rate"] * sub["factor"]
-    max_enc_frames = int(max_audio_s / frame_s) + 1
+    max_feat_frames = int(max_audio_s * feats["sample_rate"]) // feats["hop_length"] + 1
+    max_enc_frames = int(Subsampling.from_dict(sub).encoded_lengths(np.array([max_feat_frames]))[0]) + 1
     if hasattr(model.encoder, "set_max_audio_length"):
-        model.encoder.set_max_audio_length(max(max_enc_frames, getattr(model.encoder, "max_audio_length", 0)))
+        pos_enc = getattr(model.encoder, "pos_enc", None)
+        if pos_enc is not None and hasattr(pos_enc, "pe"):
+            del pos_enc.pe  # NeMo's extend_pe only ever grows the table
+        model.encoder.set_max_audio_length(max_enc_frames)
 
     out_dir = models_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,14 @@
 #
 #   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M] [--batch-duration S] [--init-from PATH.nemo]
 #
-# --init-from models/<name>/model.fp16.nemo continues from the committed default model (the
-# build machines start empty each session, so training/runs/ never survives between them).
+# --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
+# weights (the build machines start empty each session, so training/runs/ rarely survives).
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=40; INIT=()
+TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=()
 while [ $# -gt 0 ]; do
   case $1 in
     --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
@@ -36,8 +36,10 @@ PY=${PYTHON:-python3}
 .venv-export/bin/python -m training.train --data training/data/audio --run "training/runs/$NAME" \
   --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
-  --max-audio-s 300
-# The fp16 NeMo weights ride along in the package (within its 30 MB): the next run starts from them.
-cp "training/runs/$NAME/model.fp16.nemo" "models/$NAME/model.fp16.nemo"
+  --max-audio-s 80
+# --max-audio-s 80: one service window (60 s core + 2 x 10 s context; longer audio is windowed),
+# which keeps the graph's positional table small. The fp16 NeMo weights ride along in the
+# package (gzipped, within its 30 MB): the next run starts from them with --init-from.
+gzip -9 -n -c "training/runs/$NAME/model.fp16.nemo" > "models/$NAME/model.fp16.nemo.gz"
 .venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
   --sets training/data/audio/test_voices.json training/data/audio/test_heldout.json training/data/audio/test_noisy.json
