@@ -195,12 +195,6 @@ def main() -> None:
         action="store_true",
         help="train nothing: write <run>/model.nemo from the best checkpoint so far (after stopping a run early)",
     )
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="with --save-only: this checkpoint instead of the best validated one (e.g. <run>/checkpoints/"
-        "last.ckpt, when a time limit stopped the run between validations)",
-    )
     args = p.parse_args()
     logging.getLogger("nemo_logger").setLevel(logging.WARNING)
 
@@ -269,7 +263,7 @@ def main() -> None:
     last = args.run / "checkpoints" / "last.ckpt"
     if args.save_only:  # checkpoints are named best-step=N-val_wer=W.ckpt: the lowest W wins
         found = sorted((args.run / "checkpoints").glob("best-*.ckpt"), key=lambda p: float(p.stem.split("=")[-1]))
-        best = str(args.checkpoint or (found[0] if found else ""))
+        best = str(found[0]) if found else ""
     else:
         trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
         best = ckpt.best_model_path
