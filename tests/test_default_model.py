@@ -11,6 +11,8 @@ regression in audio, features, the graph or decoding trips it, not noise.
 from __future__ import annotations
 
 import io
+import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from service.models import ModelPackage, Recognizer
 from service.registry import default_model_name
 from tests.conftest import ROOT, synthesize
 from tests.server import running_server
+from training.evaluate import evaluate, word_errors_by_frequency
 
 SENTENCES = [s for s in (ROOT / "tests" / "data" / "heldout_sentences.txt").read_text().split("\n") if s]
 VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-029", "en-us+f3", "en-gb-scotland+m3"]
@@ -62,6 +65,42 @@ def test_default_model_wer_on_heldout_sentences(default_recognizer: Recognizer, 
     wer = jiwer.wer(SENTENCES, hyps)
     print(f"default model WER on {len(SENTENCES)} held-out sentences: {100 * wer:.1f} %")
     assert wer <= WER_BOUND, list(zip(SENTENCES, hyps, strict=True))
+
+
+def test_word_errors_by_frequency_by_hand() -> None:
+    # "the" seen often and right; "cat" seen twice and wrong; "sat" and "down" never seen, one wrong
+    # (every cheapest alignment of "cat sat" to "bat" gets both wrong), one right.
+    seen = Counter({"the": 10, "cat": 2})
+    bins = word_errors_by_frequency(["the cat sat down"], ["the bat down"], seen)
+    assert bins["seen 5+"] == {"words": 1, "share": 0.25, "error_rate": 0.0}
+    assert bins["seen 1-4"] == {"words": 1, "share": 0.25, "error_rate": 1.0}
+    assert bins["unseen"] == {"words": 2, "share": 0.5, "error_rate": 0.5}
+
+
+def test_evaluate_script_on_the_heldout_clips(
+    default_recognizer: Recognizer, heldout: list[Path], tmp_path: Path
+) -> None:
+    """`python -m training.evaluate` (batches of 8) scores what one-by-one transcription scores, and
+    its breakdowns count every utterance and every reference word once."""
+    rec = default_recognizer
+    manifest = tmp_path / "heldout.json"
+    manifest.write_text(
+        "".join(
+            json.dumps({"audio_filepath": str(p), "text": t, "voice": VOICES[i % len(VOICES)]}) + "\n"
+            for i, (p, t) in enumerate(zip(heldout, SENTENCES, strict=True))
+        )
+    )
+    seen = Counter(w for t in SENTENCES[:12] for w in t.split())  # as if only the first half were trained on
+    res = evaluate(rec, manifest, seen=seen)
+    one_by_one = [rec.transcribe([read_audio(p, rec.sample_rate)[0]])[0].text for p in heldout]
+    assert res["utterances"] == len(SENTENCES)
+    assert res["wer"] == pytest.approx(jiwer.wer(SENTENCES, one_by_one))
+    assert {v: r["utterances"] for v, r in res["by_voice"].items()} == {v: 4 for v in VOICES}
+    bins = res["by_word_frequency"]
+    ref_words = [w for t in SENTENCES for w in t.split()]
+    assert sum(b["words"] for b in bins.values()) == len(ref_words)
+    assert bins["unseen"]["words"] == sum(1 for w in ref_words if w not in seen) > 0
+    assert bins["seen 5+"]["words"] == sum(1 for w in ref_words if seen[w] >= 5)
 
 
 @pytest.fixture(scope="module")
