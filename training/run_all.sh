@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The whole default-model recipe on an empty machine: text, speech, training, export, evaluation.
 #
-#   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M] [--batch-duration S] [--init-from PATH.nemo]
+#   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M] [--batch-duration S] [--lr LR] [--init-from PATH.nemo]
 #
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
-# weights (the build machines start empty each session, so training/runs/ rarely survives).
+# weights (the build machines start empty each session, so training/runs/ rarely survives); a
+# continuation does best with a lower peak learning rate (--lr 7e-4: training/README.md, cpu-6).
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=()
+TRAIN=6000; EPOCHS=60; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=()
 while [ $# -gt 0 ]; do
   case $1 in
     --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
     --name) NAME=$2; shift 2;; --batch-duration) BATCH=$2; shift 2;;
-    --init-from) INIT=(--init-from "$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
+    --init-from) INIT=(--init-from "$2"); shift 2;; --lr) LR=(--lr "$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
 
@@ -34,7 +35,7 @@ PY=${PYTHON:-python3}
 .venv-export/bin/python -m training.text --out training/data/text
 .venv-export/bin/python -m training.synth --text training/data/text --out training/data/audio --train "$TRAIN"
 .venv-export/bin/python -m training.train --data training/data/audio --run "training/runs/$NAME" \
-  --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}"
+  --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}" "${LR[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
   --max-audio-s 80
 # --max-audio-s 80: one service window (60 s core + 2 x 10 s context; longer audio is windowed),
@@ -42,4 +43,5 @@ PY=${PYTHON:-python3}
 # package (gzipped, within its 30 MB): the next run starts from them with --init-from.
 gzip -9 -n -c "training/runs/$NAME/model.fp16.nemo" > "models/$NAME/model.fp16.nemo.gz"
 .venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
+  --by-voice --seen-text training/data/audio/train.json \
   --sets training/data/audio/test_voices.json training/data/audio/test_heldout.json training/data/audio/test_noisy.json
