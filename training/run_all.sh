@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN=22151; EPOCHS=20; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=()
+DATA=training/data/audio
 while [ $# -gt 0 ]; do
   case $1 in
     --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
@@ -35,8 +36,8 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -r requirements-dev.txt
 
 .venv-export/bin/python -m training.text --out training/data/text
-.venv-export/bin/python -m training.synth --text training/data/text --out training/data/audio --train "$TRAIN"
-.venv-export/bin/python -m training.train --data training/data/audio --run "training/runs/$NAME" \
+.venv-export/bin/python -m training.synth --text training/data/text --out "$DATA" --train "$TRAIN"
+.venv-export/bin/python -m training.train --data "$DATA" --run "training/runs/$NAME" \
   --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}" "${LR[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
   --max-audio-s 80
@@ -45,5 +46,5 @@ PY=${PYTHON:-python3}
 # package (gzipped, within its 30 MB): the next run starts from them with --init-from.
 gzip -9 -n -c "training/runs/$NAME/model.fp16.nemo" > "models/$NAME/model.fp16.nemo.gz"
 .venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
-  --by-voice --seen-text training/data/audio/train.json \
-  --sets training/data/audio/test_voices.json training/data/audio/test_heldout.json training/data/audio/test_noisy.json
+  --by-voice --seen-text "$DATA/train.json" \
+  --sets "$DATA/test_voices.json" "$DATA/test_heldout.json" "$DATA/test_noisy.json"

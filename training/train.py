@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -218,11 +219,12 @@ def main() -> None:
     # counted in steps: an "epoch" here is the number of batches that holds the corpus once.
     total_s = sum(json.loads(line)["duration"] for line in (args.data / "train.json").open())
     steps_per_epoch = max(1, int(total_s / args.batch_duration * 1.1))
-    val_every = max(1, args.val_every)
+    planned = steps_per_epoch * args.epochs
+    val_every = min(max(1, args.val_every), planned)
     # Lightning validates (and so checkpoints) only every val_every steps: a run that ends between
     # two validations loses its last steps (cpu-7 planned 2238 steps with --val-every 500 and
-    # shipped step 2000's weights). So the plan ends on a validation step.
-    max_steps = -(-steps_per_epoch * args.epochs // val_every) * val_every
+    # shipped step 2000's weights). So the plan is rounded up to end on a validation step.
+    max_steps = math.ceil(planned / val_every) * val_every
     cfg.optim.sched.max_steps = max_steps
     # A gentle warm-up: with a fast one (200 steps to 2e-3) this model sat on the CTC blank
     # plateau for 550+ steps without learning.
