@@ -170,6 +170,21 @@ def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
+def validation_plan(planned: int, val_every: int) -> tuple[int, int]:
+    """(validation interval, max_steps) for a plan of ``planned`` steps, validating at most every
+    ``val_every`` steps.
+
+    Lightning validates (and so checkpoints) only every interval: a run that ends between two
+    validations loses its last steps (cpu-7 planned 2238 steps with --val-every 500 and shipped
+    step 2000's weights). So the validations are spread evenly and the plan ends on the last one:
+    it grows by fewer steps than there are validations (2238 with 500 -> 5 x 448 = 2240), where
+    rounding up to a multiple of ``val_every`` could add almost a whole interval (2500).
+    """
+    n = math.ceil(planned / max(1, val_every))
+    interval = math.ceil(planned / n)
+    return interval, n * interval
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("training/data/audio"))
@@ -177,7 +192,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and checkpoint) after this long; 0 = no limit")
     p.add_argument("--batch-duration", type=float, default=80.0, help="seconds of audio per batch")
-    p.add_argument("--val-every", type=int, default=250, help="validate every N steps")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=250,
+        help="validate at most every N steps (evened out so that the run ends on a validation)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument(
         "--subsampling", type=int, choices=[4, 8], default=4, help="x4 Conformer (default) or x8 FastConformer"
@@ -220,11 +240,7 @@ def main() -> None:
     total_s = sum(json.loads(line)["duration"] for line in (args.data / "train.json").open())
     steps_per_epoch = max(1, int(total_s / args.batch_duration * 1.1))
     planned = steps_per_epoch * args.epochs
-    val_every = min(max(1, args.val_every), planned)
-    # Lightning validates (and so checkpoints) only every val_every steps: a run that ends between
-    # two validations loses its last steps (cpu-7 planned 2238 steps with --val-every 500 and
-    # shipped step 2000's weights). So the plan is rounded up to end on a validation step.
-    max_steps = math.ceil(planned / val_every) * val_every
+    val_every, max_steps = validation_plan(planned, args.val_every)
     cfg.optim.sched.max_steps = max_steps
     # A gentle warm-up: with a fast one (200 steps to 2e-3) this model sat on the CTC blank
     # plateau for 550+ steps without learning.
