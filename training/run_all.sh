@@ -5,9 +5,9 @@
 #
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
 # weights (the build machines start empty each session, so training/runs/ rarely survives); a
-# continuation does best with a lower peak learning rate (--lr 5e-4: training/README.md, cpu-6 to cpu-9).
+# continuation does best with a lower peak learning rate (--lr 3e-4: training/README.md, cpu-6 to cpu-10).
 # --train defaults to the whole training split (22 151 sentences, 22.6 h, 33 min of synthesis):
-# the shipped model (cpu-7 to cpu-9) was trained on it; rare words are what the smaller corpus lacked.
+# the shipped model (cpu-7 to cpu-10) was trained on it; rare words are what the smaller corpus lacked.
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
