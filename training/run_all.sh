@@ -5,7 +5,8 @@
 #
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
 # weights (the build machines start empty each session, so training/runs/ rarely survives); a
-# continuation does best with a lower peak learning rate (--lr 3e-4: training/README.md, cpu-6 to cpu-10).
+# continuation wants a lower peak learning rate (--lr 3e-4 restarts cheapest; not compared side by side
+# with 5e-4 from the same weights: training/README.md, cpu-6 to cpu-10).
 # --train defaults to the whole training split (22 151 sentences, 22.6 h, 33 min of synthesis):
 # the shipped model (cpu-7 to cpu-10) was trained on it; rare words are what the smaller corpus lacked.
 #
