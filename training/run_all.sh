@@ -6,9 +6,9 @@
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
 # weights (the build machines start empty each session, so training/runs/ rarely survives); a
 # continuation wants a lower peak learning rate (--lr 3e-4 restarts cheapest; not compared side by side
-# with 5e-4 from the same weights: training/README.md, cpu-6 to cpu-10).
+# with 5e-4 from the same weights: training/README.md, cpu-6 to cpu-12).
 # --train defaults to the whole training split (22 151 sentences, 22.6 h, 33 min of synthesis):
-# the shipped model (cpu-7 to cpu-10) was trained on it; rare words are what the smaller corpus lacked.
+# the shipped model (cpu-7 to cpu-12) was trained on it; rare words are what the smaller corpus lacked.
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
