@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole default-model recipe on an empty machine: text, speech, training, export, evaluation.
 #
-#   bash training/run_all.sh [--train N] [--epochs E] [--max-minutes M] [--batch-duration S] [--lr LR] [--init-from PATH.nemo]
+#   bash training/run_all.sh [--train N] [--extra M] [--train-seed S] [--epochs E] [--max-minutes M]
+#                            [--batch-duration S] [--lr LR] [--init-from PATH.nemo]
 #
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
 # weights (the build machines start empty each session, so training/runs/ rarely survives); a
@@ -9,16 +10,21 @@
 # with 5e-4 from the same weights: training/README.md, cpu-6 to cpu-12).
 # --train defaults to the whole training split (22 151 sentences, 22.6 h, 33 min of synthesis):
 # the shipped model (cpu-7 to cpu-12) was trained on it; rare words are what the smaller corpus lacked.
+# --extra M mixes the first M WordNet usage examples (text.py: those bringing words the fortunes
+# have rarely come first) into the training set; --train-seed S draws other fortunes sentences and
+# pairs them with other voices (validation and test sets stay the same). cpu-13 ran with
+# --train 10000 --extra 6000 --train-seed 13 --epochs 3 --max-minutes 66 (training/README.md).
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=22151; EPOCHS=20; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=()
+TRAIN=22151; EPOCHS=20; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=(); EXTRA=0; TSEED=()
 DATA=training/data/audio
 while [ $# -gt 0 ]; do
   case $1 in
-    --train) TRAIN=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
+    --train) TRAIN=$2; shift 2;; --extra) EXTRA=$2; shift 2;; --train-seed) TSEED=(--train-seed "$2"); shift 2;;
+    --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
     --name) NAME=$2; shift 2;; --batch-duration) BATCH=$2; shift 2;;
     --init-from) INIT=(--init-from "$2"); shift 2;; --lr) LR=(--lr "$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
   esac
@@ -27,7 +33,7 @@ done
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-  fortunes fortunes-min espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
+  fortunes fortunes-min wordnet-base espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
 
 PY=${PYTHON:-python3}
 [ -x .venv-export/bin/python ] || "$PY" -m venv .venv-export
@@ -37,7 +43,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -r requirements-dev.txt
 
 .venv-export/bin/python -m training.text --out training/data/text
-.venv-export/bin/python -m training.synth --text training/data/text --out "$DATA" --train "$TRAIN"
+.venv-export/bin/python -m training.synth --text training/data/text --out "$DATA" --train "$TRAIN" --extra "$EXTRA" "${TSEED[@]}"
 .venv-export/bin/python -m training.train --data "$DATA" --run "training/runs/$NAME" \
   --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}" "${LR[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \

@@ -16,8 +16,14 @@ Augmentation (training set only; about half of the utterances, one of): speed pe
 telephone band (300-3400 Hz, through 8 kHz). Test set (c) is a copy of (a) with brown or white
 noise at 10-20 dB SNR.
 
+Training text: ``--train N`` fortunes sentences, plus ``--extra M`` WordNet examples (the first M
+of ``wordnet.txt``, see text.py) shuffled in among them. ``--train-seed`` draws another N
+sentences and pairs them with other voices and augmentations than the default seed does, so a
+run on a fresh machine can hear new combinations; validation and test sets depend on ``--seed``
+only and stay the same.
+
 Usage: python -m training.synth --text training/data/text --out training/data/audio \
-           --train 4000 --val 150 --test 200
+           --train 4000 --val 150 --test 200 [--extra 6000 --train-seed 2]
 Writes <out>/<set>/*.wav and <out>/<set>.json manifests (NeMo format: one JSON per line with
 audio_filepath, duration, text, voice).
 """
@@ -195,6 +201,25 @@ def make_set(
     print(f"{name}: {ok}/{len(jobs)} utterances, {hours:.2f} h -> {manifest}")
 
 
+def take(text_dir: Path, split: str, n: int, seed: int | None) -> list[str]:
+    """The first ``n`` sentences of ``<text_dir>/<split>.txt``, after a shuffle by ``seed`` (None: in file order)."""
+    lines = [s for s in (text_dir / f"{split}.txt").read_text().split("\n") if s]
+    if seed is not None:
+        random.Random(seed).shuffle(lines)
+    return lines[:n]
+
+
+def training_sentences(text_dir: Path, n: int, extra: int, seed: int) -> list[str]:
+    """``n`` fortunes training sentences drawn by ``seed``, plus the first ``extra`` WordNet examples
+    (text.py's coverage order) shuffled in among them. With ``extra`` 0 this is the corpus every run
+    before cpu-13 was synthesized from (seed 1: cpu-7..cpu-12's 22 151, the first 6000 cpu-3..cpu-6's)."""
+    train = take(text_dir, "train", n, seed)
+    if extra:
+        train += take(text_dir, "wordnet", extra, None)
+        random.Random(seed).shuffle(train)
+    return train
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", type=Path, default=Path("training/data/text"))
@@ -202,22 +227,21 @@ def main() -> None:
     p.add_argument("--train", type=int, default=4000, help="training utterances")
     p.add_argument("--val", type=int, default=150)
     p.add_argument("--test", type=int, default=200, help="utterances per test set")
+    p.add_argument("--extra", type=int, default=0, help="WordNet training sentences mixed in (wordnet.txt)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="validation and test sets (keep it for comparable runs)")
+    p.add_argument("--train-seed", type=int, help="training sentences, voices and augmentations (default: --seed)")
     args = p.parse_args()
+    train_seed = args.seed if args.train_seed is None else args.train_seed
 
-    def take(split: str, n: int, seed: int) -> list[str]:
-        lines = (args.text / f"{split}.txt").read_text().split("\n")
-        lines = [s for s in lines if s]
-        random.Random(seed).shuffle(lines)
-        return lines[:n]
-
-    test = take("test", args.test, args.seed)
+    test = take(args.text, "test", args.test, args.seed)
     make_set("test_voices", test, TRAIN_VOICES, args.out, args.seed + 10, 0.0, args.workers)
     make_set("test_heldout", test, HELDOUT_VOICES, args.out, args.seed + 11, 0.0, args.workers)
     make_set("test_noisy", test, TRAIN_VOICES, args.out, args.seed + 10, 0.0, args.workers, test_noise=True)
-    make_set("val", take("val", args.val, args.seed), TRAIN_VOICES, args.out, args.seed + 2, 0.0, args.workers)
-    make_set("train", take("train", args.train, args.seed), TRAIN_VOICES, args.out, args.seed + 1, 0.5, args.workers)
+    val = take(args.text, "val", args.val, args.seed)
+    make_set("val", val, TRAIN_VOICES, args.out, args.seed + 2, 0.0, args.workers)
+    train = training_sentences(args.text, args.train, args.extra, train_seed)
+    make_set("train", train, TRAIN_VOICES, args.out, train_seed + 1, 0.5, args.workers)
 
 
 if __name__ == "__main__":
