@@ -63,3 +63,14 @@ def test_train_seed_draws_other_sentences_but_never_test_ones(tmp_path: Path) ->
     assert set(a) != set(b)
     held = set(synth.take(d, "test", 10, 1)) | set(synth.take(d, "val", 10, 1))
     assert not held & (set(a) | set(b))
+
+
+def test_seen_text_reads_manifests_and_plain_text(tmp_path: Path) -> None:
+    from training.evaluate import training_words
+
+    manifest = tmp_path / "train.json"
+    manifest.write_text('{"audio_filepath": "a.wav", "duration": 1.0, "text": "the cat sat"}\n\n')
+    plain = tmp_path / "wordnet.txt"
+    plain.write_text("a zebra ran\nthe okapi sat\n")
+    assert training_words(manifest) == ["the", "cat", "sat"]
+    assert training_words(plain) == ["a", "zebra", "ran", "the", "okapi", "sat"]

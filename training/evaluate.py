@@ -4,7 +4,7 @@ Each test manifest's audio goes through ``service.audio.read_audio`` and
 ``service.models.Recognizer`` (numpy features, ONNX Runtime, greedy CTC): exactly the
 service's path, without HTTP. Prints a Markdown table, then (``--by-voice``) WER and CER per
 voice of each set, from the manifests' ``voice`` field: which voices the model fails on; and
-(``--seen-text train.json``) the error rate of reference words by how often the training text
+(``--seen-text train.json [more ...]``, manifests or plain text) the error rate of reference words by how often the training text
 has them (never, 1-4 times, 5 or more): a greedy CTC model with no language model must spell
 a word it never heard from its sounds alone, so unseen words bound the WER that more training
 steps can reach (measured: see training/README.md).
@@ -95,6 +95,15 @@ def evaluate(
     }
 
 
+def training_words(path: Path) -> list[str]:
+    """The words of a training text: a NeMo manifest (JSON lines with "text") or one sentence per line."""
+    words: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            words += (json.loads(line)["text"] if line.lstrip().startswith("{") else line).split()
+    return words
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="package name (default: the service's default model)")
@@ -104,7 +113,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="first N utterances of each set (0 = all)")
     p.add_argument("--by-voice", action="store_true", help="also print WER and CER per voice of each set")
     p.add_argument(
-        "--seen-text", type=Path, help="training manifest: also print word errors by how often its text has the word"
+        "--seen-text",
+        type=Path,
+        nargs="+",
+        help="training text (NeMo manifests or plain text, a sentence per line): also print word errors by how "
+        "often it has the word",
     )
     p.add_argument("--json", type=Path, help="also write the results (with the breakdowns) here")
     args = p.parse_args()
@@ -117,7 +130,7 @@ def main() -> None:
     rec = Recognizer(ModelPackage.open(model_dir, tokens_dir, name), intra_op_threads=s.resolved_intra_op_threads())
     seen = None
     if args.seen_text:
-        seen = collections.Counter(w for line in args.seen_text.open() for w in json.loads(line)["text"].split())
+        seen = collections.Counter(w for path in args.seen_text for w in training_words(path))
     results = {m.stem: evaluate(rec, m, limit=args.limit, seen=seen) for m in args.sets}
     print(f"model: {name}\n")
     print("| test set | utterances | hours | WER | CER | RTF |")
