@@ -1,13 +1,13 @@
 """Step 5: WER and CER (jiwer) of a model package, through the runtime the service uses.
 
 Each test manifest's audio goes through ``service.audio.read_audio`` and
-``service.models.Recognizer`` (numpy features, ONNX Runtime, greedy CTC): exactly the
-service's path, without HTTP. Prints a Markdown table, then (``--by-voice``) WER and CER per
-voice of each set, from the manifests' ``voice`` field: which voices the model fails on; and
-(``--seen-text train.json [more ...]``, manifests or plain text) the error rate of reference words by how often the training text
-has them (never, 1-4 times, 5 or more): a greedy CTC model with no language model must spell
-a word it never heard from its sounds alone, so unseen words bound the WER that more training
-steps can reach (measured: see training/README.md).
+``service.models.Recognizer`` (numpy features, ONNX Runtime, greedy CTC): exactly the service's
+path, without HTTP. Prints a Markdown table, then (``--by-voice``) WER and CER per voice of each
+set, from the manifests' ``voice`` field: which voices the model fails on; and (``--seen-text
+train.json [more ...]``, manifests or plain text) the error rate of reference words by how often
+the training text has them (never, 1-4 times, 5 or more): a greedy CTC model with no language
+model must spell a word it never heard from its sounds alone, so unseen words bound the WER that
+more training steps can reach (measured: see training/README.md).
 
 Usage:
     python -m training.evaluate --model en_synth_fastconformer_ctc \
