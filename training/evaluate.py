@@ -10,7 +10,7 @@ model must spell a word it never heard from its sounds alone, so unseen words bo
 more training steps can reach (measured: see training/README.md).
 
 Usage:
-    python -m training.evaluate --model en_synth_fastconformer_ctc \
+    python -m training.evaluate --model en_synth_conformer_ctc \
         --sets training/data/audio/test_voices.json training/data/audio/test_heldout.json \
                training/data/audio/test_noisy.json
 """
