@@ -29,17 +29,18 @@ import jiwer
 from service.audio import read_audio
 from service.config import Settings
 from service.models import ModelPackage, Recognizer
+from training.text import RARE
 
 
 def _scores(refs: list[str], hyps: list[str]) -> dict[str, float | int]:
     return {"utterances": len(refs), "wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps)}
 
 
-FREQ_BINS = ("unseen", "seen 1-4", "seen 5+")
+FREQ_BINS = ("unseen", f"seen 1-{RARE - 1}", f"seen {RARE}+")
 
 
 def _freq_bin(count: int) -> str:
-    return FREQ_BINS[0] if count == 0 else FREQ_BINS[1] if count < 5 else FREQ_BINS[2]
+    return FREQ_BINS[0] if count == 0 else FREQ_BINS[1] if count < RARE else FREQ_BINS[2]
 
 
 def word_errors_by_frequency(

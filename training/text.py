@@ -36,7 +36,7 @@ from pathlib import Path
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 WORDNET_DIR = Path("/usr/share/wordnet")
-RARE = 5  # a word the training text has fewer times than this counts as rare (as in evaluate.py)
+RARE = 5  # a word the training text has fewer times than this is rare (here and in evaluate.py's bins)
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _NUM = re.compile(r"\d+(?:\.\d+)?")
 _ALLOWED = re.compile(r"^[a-z]+(?:'[a-z]+)*$")
