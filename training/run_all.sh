@@ -13,7 +13,8 @@
 # --extra M mixes the first M WordNet usage examples (text.py: those bringing words the fortunes
 # have rarely come first) into the training set; --train-seed S draws other fortunes sentences and
 # pairs them with other voices (validation and test sets stay the same). cpu-13 ran with
-# --train 10000 --extra 6000 --train-seed 13 --epochs 3 --max-minutes 66 (training/README.md).
+# --train 10000 --extra 6000 --train-seed 13 --epochs 3, cpu-14 with --extra 12000 --train-seed 14
+# (training/README.md); a next run takes more --extra and a new --train-seed.
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
