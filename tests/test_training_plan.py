@@ -1,4 +1,6 @@
-"""train.py's step plan: every run must end on a validation, or its last steps are never saved.
+"""train.py's plan: its steps, and the corpora it trains on.
+
+Every run must end on a validation, or its last steps are never saved.
 
 Lightning checkpoints only after a validation (cpu-7 lost its last 238 steps that way), so the
 plan must be a whole number of validation intervals, no interval longer than asked for, and
@@ -7,9 +9,12 @@ no longer than needed. Training itself never runs in CI; this checks the arithme
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from training.train import validation_plan
+from training.train import training_manifest, validation_plan
 
 
 @pytest.mark.parametrize("planned", [1, 7, 100, 249, 250, 251, 2238, 2736, 6080])
@@ -25,3 +30,32 @@ def test_plan_ends_on_a_validation(planned: int, val_every: int) -> None:
 
 def test_plan_already_on_a_validation_is_kept() -> None:
     assert validation_plan(2000, 500) == (500, 2000)
+
+
+def _corpus(root: Path, name: str, texts: list[str], newline_at_end: bool = True) -> Path:
+    d = root / name
+    d.mkdir()
+    lines = [
+        json.dumps({"audio_filepath": str(d / f"{i}.wav"), "duration": 1.0, "text": t}) for i, t in enumerate(texts)
+    ]
+    (d / "train.json").write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
+    return d
+
+
+def test_one_corpus_is_used_as_it_is(tmp_path: Path) -> None:
+    a = _corpus(tmp_path, "a", ["one", "two"])
+    assert training_manifest([a], tmp_path / "run") == a / "train.json"
+
+
+def test_several_corpora_are_joined_in_order(tmp_path: Path) -> None:
+    # the second corpus's manifest lacks its final newline: its last line must not run into the next
+    a = _corpus(tmp_path, "a", ["one", "two"])
+    b = _corpus(tmp_path, "b", ["three"], newline_at_end=False)
+    c = _corpus(tmp_path, "c", ["four", "five"])
+    run = tmp_path / "run"
+    run.mkdir()
+    out = training_manifest([a, b, c], run)
+    assert out.parent == run
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["one", "two", "three", "four", "five"]
+    assert [Path(r["audio_filepath"]).parent.name for r in rows] == ["a", "a", "b", "c", "c"]

@@ -10,8 +10,8 @@ and ``--resume`` continues from ``last.ckpt``; ``--max-minutes`` stops cleanly (
 ``--init-from models/<name>/model.fp16.nemo`` continues from the committed default model.
 
 Usage:
-    python -m training.train --data training/data/audio --run training/runs/en --epochs 30 \
-        --max-minutes 60 [--resume | --init-from PATH.nemo]
+    python -m training.train --data training/data/audio [more corpora ...] --run training/runs/en \
+        --epochs 30 --max-minutes 60 [--resume | --init-from PATH.nemo]
 Writes <run>/model.nemo (best checkpoint by validation WER) and its fp16 copy
 <run>/model.fp16.nemo at the end (or at once, with --save-only, from a stopped run).
 """
@@ -31,11 +31,17 @@ VOCAB_SIZE = 128
 
 
 def model_config(
-    data: Path, tokenizer_dir: Path, batch_duration: float, num_workers: int = 0, lr: float = 1e-3, subsampling: int = 4
+    train: Path,
+    val: Path,
+    tokenizer_dir: Path,
+    batch_duration: float,
+    num_workers: int = 0,
+    lr: float = 1e-3,
+    subsampling: int = 4,
 ) -> dict[str, Any]:
-    def ds(name: str, shuffle: bool) -> dict[str, Any]:
+    def ds(manifest: Path, shuffle: bool) -> dict[str, Any]:
         return {
-            "manifest_filepath": str(data / f"{name}.json"),
+            "manifest_filepath": str(manifest),
             "sample_rate": 16000,
             "batch_size": 16,
             "shuffle": shuffle,
@@ -56,8 +62,8 @@ def model_config(
     return {
         "sample_rate": 16000,
         "tokenizer": {"dir": str(tokenizer_dir), "type": "bpe"},
-        "train_ds": ds("train", True),
-        "validation_ds": ds("val", False),
+        "train_ds": ds(train, True),
+        "validation_ds": ds(val, False),
         "preprocessor": {
             "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
             "sample_rate": 16000,
@@ -120,7 +126,7 @@ def model_config(
     }
 
 
-def train_tokenizer(data: Path, out: Path) -> Path:
+def train_tokenizer(manifest: Path, out: Path) -> Path:
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
 
     tok_dir = out / "tokenizer"
@@ -128,7 +134,7 @@ def train_tokenizer(data: Path, out: Path) -> Path:
         return tok_dir
     text = out / "tokenizer_text.txt"
     with text.open("w") as f:
-        for line in (data / "train.json").open():
+        for line in manifest.open():
             f.write(json.loads(line)["text"] + "\n")
     create_spt_model(
         str(text),
@@ -170,6 +176,25 @@ def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
+def training_manifest(data: list[Path], run: Path) -> Path:
+    """The training manifest for one or more corpora made by ``training.synth``.
+
+    One corpus is used as it is. Several (for example the draws of earlier cycles, each made with
+    its own ``--train-seed``, beside a new one) are joined into ``<run>/train.json``, so a run
+    can train on all of them without synthesizing them again. Every corpus has the same
+    validation and test sentences (they depend on synth's ``--seed`` only); validation uses the
+    first one's.
+    """
+    if len(data) == 1:
+        return data[0] / "train.json"
+    out = run / "train.json"
+    with out.open("w") as f:
+        for d in data:
+            text = (d / "train.json").read_text()
+            f.write(text if text.endswith("\n") or not text else text + "\n")
+    return out
+
+
 def validation_plan(planned: int, val_every: int) -> tuple[int, int]:
     """(validation interval, max_steps) for a plan of ``planned`` steps, validating at most every
     ``val_every`` steps.
@@ -187,9 +212,15 @@ def validation_plan(planned: int, val_every: int) -> tuple[int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("training/data/audio"))
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[Path("training/data/audio")],
+        help="corpus directories from training.synth; several are trained on together, validation uses the first's",
+    )
     p.add_argument("--run", type=Path, default=Path("training/runs/en"))
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=float, default=30, help="passes over the training data (may be fractional)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and checkpoint) after this long; 0 = no limit")
     p.add_argument("--batch-duration", type=float, default=80.0, help="seconds of audio per batch")
     p.add_argument(
@@ -235,17 +266,24 @@ def main() -> None:
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     args.run.mkdir(parents=True, exist_ok=True)
     init = warm_start(args.init_from, args.run) if args.init_from else None
-    tok_dir = train_tokenizer(args.data, args.run)
+    train = training_manifest(args.data, args.run).resolve()
+    tok_dir = train_tokenizer(train, args.run)
     cfg = OmegaConf.create(
         model_config(
-            args.data.resolve(), tok_dir.resolve(), args.batch_duration, args.num_workers, args.lr, args.subsampling
+            train,
+            (args.data[0] / "val.json").resolve(),
+            tok_dir.resolve(),
+            args.batch_duration,
+            args.num_workers,
+            args.lr,
+            args.subsampling,
         )
     )
     # NeMo's Lhotse loader repeats the data forever and batches by duration, so training is
     # counted in steps: an "epoch" here is the number of batches that holds the corpus once.
-    total_s = sum(json.loads(line)["duration"] for line in (args.data / "train.json").open())
+    total_s = sum(json.loads(line)["duration"] for line in train.open())
     steps_per_epoch = max(1, int(total_s / args.batch_duration * 1.1))
-    planned = steps_per_epoch * args.epochs
+    planned = max(1, round(steps_per_epoch * args.epochs))
     val_every, max_steps = validation_plan(planned, args.val_every)
     cfg.optim.sched.max_steps = max_steps
     # A gentle warm-up: with a fast one (200 steps to 2e-3) this model sat on the CTC blank
