@@ -3,6 +3,7 @@
 #
 #   bash training/run_all.sh [--train N] [--extra M] [--train-seed S] [--epochs E] [--max-minutes M]
 #                            [--batch-duration S] [--lr LR] [--init-from PATH.nemo]
+#                            [--data DIR] [--also DIR ...]
 #
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
 # weights (the build machines start empty each session, so training/runs/ rarely survives); a
@@ -15,20 +16,28 @@
 # pairs them with other voices (validation and test sets stay the same). cpu-13 ran with
 # --train 10000 --extra 6000 --train-seed 13 --epochs 3, cpu-14 with --extra 12000 --train-seed 14
 # (training/README.md); a next run takes more --extra and a new --train-seed.
+# --data DIR is where this run's corpus is synthesized (default training/data/audio); each
+# --also DIR adds a corpus an earlier run synthesized there (its own --train-seed) to the
+# training set, so its hours are trained on again instead of thrown away. Validation and test
+# come from --data.
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN=22151; EPOCHS=20; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=(); EXTRA=0; TSEED=()
-DATA=training/data/audio
+DATA=training/data/audio; ALSO=()
 while [ $# -gt 0 ]; do
   case $1 in
     --train) TRAIN=$2; shift 2;; --extra) EXTRA=$2; shift 2;; --train-seed) TSEED=(--train-seed "$2"); shift 2;;
     --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
     --name) NAME=$2; shift 2;; --batch-duration) BATCH=$2; shift 2;;
-    --init-from) INIT=(--init-from "$2"); shift 2;; --lr) LR=(--lr "$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
+    --init-from) INIT=(--init-from "$2"); shift 2;; --lr) LR=(--lr "$2"); shift 2;;
+    --data) DATA=$2; shift 2;; --also) ALSO+=("$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
   esac
+done
+for d in "${ALSO[@]}"; do
+  [ -f "$d/train.json" ] || { echo "--also $d: no train.json there (synthesize it first)" >&2; exit 2; }
 done
 
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -45,7 +54,7 @@ PY=${PYTHON:-python3}
 
 .venv-export/bin/python -m training.text --out training/data/text
 .venv-export/bin/python -m training.synth --text training/data/text --out "$DATA" --train "$TRAIN" --extra "$EXTRA" "${TSEED[@]}"
-.venv-export/bin/python -m training.train --data "$DATA" --run "training/runs/$NAME" \
+.venv-export/bin/python -m training.train --data "$DATA" "${ALSO[@]}" --run "training/runs/$NAME" \
   --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}" "${LR[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
   --max-audio-s 80
@@ -54,5 +63,5 @@ PY=${PYTHON:-python3}
 # package (gzipped, within its 30 MB): the next run starts from them with --init-from.
 gzip -9 -n -c "training/runs/$NAME/model.fp16.nemo" > "models/$NAME/model.fp16.nemo.gz"
 .venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
-  --by-voice --seen-text "$DATA/train.json" \
+  --by-voice --seen-text "$DATA/train.json" "${ALSO[@]/%//train.json}" \
   --sets "$DATA/test_voices.json" "$DATA/test_heldout.json" "$DATA/test_noisy.json"
