@@ -13,11 +13,7 @@
 # the shipped model (cpu-7 to cpu-12) was trained on it; rare words are what the smaller corpus lacked.
 # --extra M mixes the first M WordNet usage examples (text.py: those bringing words the fortunes
 # have rarely come first) into the training set; --train-seed S draws other fortunes sentences and
-# pairs them with other voices (validation and test sets stay the same). cpu-13 ran with
-# --train 10000 --extra 6000 --train-seed 13 --epochs 3, cpu-14 with --extra 12000 --train-seed 14
-# (training/README.md); cpu-15 synthesized --extra 18000 --train-seed 15 into training/data/audio15
-# and trained 2.4 passes on it together with those two corpora (--also). A next run takes more
-# --extra, a new --train-seed and a new --data directory, with --also for the corpora it still has.
+# pairs them with other voices (validation and test sets stay the same).
 # --data DIR is where this run's corpus is synthesized (default training/data/audio); each
 # --also DIR adds a corpus an earlier run synthesized there (its own --train-seed) to the
 # training set, so its hours are trained on again instead of thrown away. Validation and test

@@ -16,7 +16,7 @@ is split into sentences, each sentence normalized by one rule set:
 The split is by a hash of the normalized sentence, so it is stable and whole sentences never
 cross sets: 90 % train, 5 % validation, 5 % test. Validation and test stay fortunes only, so every
 run is judged on the same sentences. The WordNet examples (``wordnet.txt``) are training text:
-any that equals a validation or test sentence is dropped, as is any with an acronym ("DNA", which
+any that equals a fortunes sentence (of any split) is dropped, as is any with an acronym ("DNA", which
 a voice spells out but the label would write as one word). They are written in the order a run
 should take them (``synth.py --extra N`` takes the first N): shuffled with a fixed seed, then
 those that bring a word the fortunes training text has fewer than 5 times (counting the examples
@@ -138,8 +138,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     splits = {split: [s for s in sents if split_of(s) == split] for split in ("train", "val", "test")}
     if WORDNET_DIR.is_dir():
-        held = set(splits["val"]) | set(splits["test"]) | set(splits["train"])
-        wn = [s for s in sentences_from(wordnet_examples()) if s not in held]
+        fortune_sents = set(sents)
+        wn = [s for s in sentences_from(wordnet_examples()) if s not in fortune_sents]
         splits["wordnet"] = coverage_order(wn, splits["train"])
     else:
         print(f"{WORDNET_DIR} missing (apt-get install wordnet-base): no wordnet.txt")
