@@ -74,3 +74,19 @@ def test_seen_text_reads_manifests_and_plain_text(tmp_path: Path) -> None:
     plain.write_text("a zebra ran\nthe okapi sat\n")
     assert training_words(manifest) == ["the", "cat", "sat"]
     assert training_words(plain) == ["a", "zebra", "ran", "the", "okapi", "sat"]
+
+
+def test_wide_voices_add_variety_to_training_only_and_never_the_held_out_voice(tmp_path: Path) -> None:
+    # The unseen-voice test (b) means something only while its voice stays out of training.
+    assert not set(synth.HELDOUT_VOICES) & set(synth.WIDE_TRAIN_VOICES)
+    assert set(synth.TRAIN_VOICES) < set(synth.WIDE_TRAIN_VOICES)
+    sentences = [f"sentence {i}" for i in range(400)]
+    plain = synth.plan("train", sentences, synth.TRAIN_VOICES, tmp_path, 2, 0.5)
+    wide = synth.plan("train", sentences, synth.WIDE_TRAIN_VOICES, tmp_path, 2, 0.5, wide=True)
+    assert {j.augment for j in plain} == {"", "speed", "noise", "reverb", "phone"}
+    assert "pitch" in {j.augment for j in wide} and all(j.wide for j in wide)
+    assert {(j.engine, j.voice) for j in wide} == set(synth.WIDE_TRAIN_VOICES)
+    # Without the flag nothing changes: a plain draw is what the earlier corpora were synthesized from.
+    assert not any(j.wide for j in plain) and {(j.engine, j.voice) for j in plain} == set(synth.TRAIN_VOICES)
+    # Every flite voice the wide draw varies has an F0 range to vary it in.
+    assert {v for e, v in synth.WIDE_TRAIN_VOICES if e == "flite"} == set(synth.FLITE_F0)

@@ -3,7 +3,7 @@
 #
 #   bash training/run_all.sh [--train N] [--extra M] [--train-seed S] [--epochs E] [--max-minutes M]
 #                            [--batch-duration S] [--lr LR] [--init-from PATH.nemo]
-#                            [--data DIR] [--also DIR ...]
+#                            [--data DIR] [--also DIR ...] [--wide-voices]
 #
 # --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
 # weights (the build machines start empty each session, so training/runs/ rarely survives); a
@@ -18,12 +18,15 @@
 # --also DIR adds a corpus an earlier run synthesized there (its own --train-seed) to the
 # training set, so its hours are trained on again instead of thrown away. Validation and test
 # come from --data.
+# --wide-voices synthesizes the training set with more voice variety (more espeak-ng accents and
+# variants, flite/festival prosody varied, pitch shifts; training/synth.py), from cpu-18 on.
+# Validation and test sets are the same with or without it.
 #
 # Synthesis and training never run in CI. Generated data goes to training/data and
 # training/runs (git-ignored); the exported package to models/ and tokens/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=22151; EPOCHS=20; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=(); EXTRA=0; TSEED=()
+TRAIN=22151; EPOCHS=20; MAXMIN=0; NAME=en_synth_conformer_ctc; BATCH=80; INIT=(); LR=(); EXTRA=0; TSEED=(); WIDE=()
 DATA=training/data/audio; ALSO=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -31,7 +34,8 @@ while [ $# -gt 0 ]; do
     --epochs) EPOCHS=$2; shift 2;; --max-minutes) MAXMIN=$2; shift 2;;
     --name) NAME=$2; shift 2;; --batch-duration) BATCH=$2; shift 2;;
     --init-from) INIT=(--init-from "$2"); shift 2;; --lr) LR=(--lr "$2"); shift 2;;
-    --data) DATA=$2; shift 2;; --also) ALSO+=("$2"); shift 2;; *) echo "unknown option $1" >&2; exit 2;;
+    --data) DATA=$2; shift 2;; --also) ALSO+=("$2"); shift 2;; --wide-voices) WIDE=(--wide-voices); shift;;
+    *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
 for d in "${ALSO[@]}"; do
@@ -51,7 +55,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -r requirements-dev.txt
 
 .venv-export/bin/python -m training.text --out training/data/text
-.venv-export/bin/python -m training.synth --text training/data/text --out "$DATA" --train "$TRAIN" --extra "$EXTRA" "${TSEED[@]}"
+.venv-export/bin/python -m training.synth --text training/data/text --out "$DATA" --train "$TRAIN" --extra "$EXTRA" "${TSEED[@]}" "${WIDE[@]}"
 .venv-export/bin/python -m training.train --data "$DATA" "${ALSO[@]}" --run "training/runs/$NAME" \
   --epochs "$EPOCHS" --max-minutes "$MAXMIN" --batch-duration "$BATCH" --resume "${INIT[@]}" "${LR[@]}"
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
