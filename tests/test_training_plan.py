@@ -1,4 +1,4 @@
-"""train.py's plan: its steps, and the corpora it trains on.
+"""train.py's plan: its steps, its fit to a time budget, and the corpora it trains on.
 
 Every run must end on a validation, or its last steps are never saved.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from training.train import training_manifest, validation_plan
+from training.train import time_plan, training_manifest, validation_plan
 
 
 @pytest.mark.parametrize("planned", [1, 7, 100, 249, 250, 251, 2238, 2736, 6080])
@@ -30,6 +30,32 @@ def test_plan_ends_on_a_validation(planned: int, val_every: int) -> None:
 
 def test_plan_already_on_a_validation_is_kept() -> None:
     assert validation_plan(2000, 500) == (500, 2000)
+
+
+def test_time_plan_fills_the_time_left() -> None:
+    # 100 steps in 200 s (2 s a step); validations of 30 s every 50 steps; an hour left.
+    end = time_plan(step=100, steps_timed=100, train_s=200.0, val_s=30.0, left_s=3600.0, val_every=50, cap=10_000)
+
+    def cost(end: int) -> float:  # validations at steps 150, 200, ... and at the end if it is not one
+        validations = len(range(150, end + 1, 50)) + (1 if end % 50 else 0)
+        return (end - 100) * 2.0 + validations * 30.0
+
+    assert cost(end) <= 3600.0  # it fits
+    assert cost(end + 1) > 3600.0  # and no longer plan would
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.7, 1.3, 3.0])
+def test_time_plan_follows_the_measured_rate(rate: float) -> None:
+    # cpu-18's failure: a plan sized for 1.3 steps/s on a 0.7 steps/s machine. The plan is the
+    # measured rate times the time left (validations aside), whatever the rate.
+    end = time_plan(step=40, steps_timed=40, train_s=40 / rate, val_s=0.0, left_s=4500.0, val_every=250, cap=10**6)
+    assert abs((end - 40) - 4500 * rate) <= 1
+
+
+def test_time_plan_stays_within_cap_and_never_goes_back() -> None:
+    assert time_plan(step=10, steps_timed=10, train_s=1.0, val_s=1.0, left_s=1e6, val_every=100, cap=500) == 500
+    # the budget is spent already: end now
+    assert time_plan(step=900, steps_timed=900, train_s=900.0, val_s=60.0, left_s=-5.0, val_every=100, cap=5000) == 900
 
 
 def _corpus(root: Path, name: str, texts: list[str], newline_at_end: bool = True) -> Path:

@@ -18,6 +18,8 @@
 # --also DIR adds a corpus an earlier run synthesized there (its own --train-seed) to the
 # training set, so its hours are trained on again instead of thrown away. Validation and test
 # come from --data.
+# --max-minutes M fits the learning-rate schedule to M minutes of training at the step rate the
+# run measures (train.py's time plan); --epochs is then only an upper bound.
 # --wide-voices synthesizes the training set with more voice variety (more espeak-ng accents and
 # variants, flite/festival prosody varied, pitch shifts; training/synth.py), from cpu-18 on.
 # Validation and test sets are the same with or without it.

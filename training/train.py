@@ -5,8 +5,10 @@ training text, Conformer encoder (d_model 144, 8 layers, 4 heads; striding subsa
 default, ``--subsampling 8`` for the FastConformer's depthwise x8), CTC decoder; ~4.6 M
 parameters. Measured here: x4 leaves the CTC blank plateau far sooner than x8 (see
 training/README.md). Resumable on the same machine: checkpoints go to ``<run>/checkpoints``
-and ``--resume`` continues from ``last.ckpt``; ``--max-minutes`` stops cleanly (Lightning
-``max_time``). Across machines (this project's build machines start empty every session):
+and ``--resume`` continues from ``last.ckpt``. ``--max-minutes`` fits the learning-rate schedule to
+the time: the run measures its own step rate and ends its cosine, on a validation, within the
+minutes given (``--epochs`` is then an upper bound), with Lightning's ``max_time`` as a backstop.
+Across machines (this project's build machines start empty every session):
 ``--init-from models/<name>/model.fp16.nemo`` continues from the committed default model.
 
 Usage:
@@ -210,6 +212,104 @@ def validation_plan(planned: int, val_every: int) -> tuple[int, int]:
     return interval, n * interval
 
 
+def time_plan(
+    step: int,
+    steps_timed: int,
+    train_s: float,
+    val_s: float,
+    left_s: float,
+    val_every: int,
+    cap: int,
+) -> int:
+    """The step a run should end on to finish within ``left_s`` more seconds.
+
+    ``steps_timed`` steps took ``train_s`` seconds of training (validations excluded); one
+    validation takes ``val_s``, and one runs every ``val_every`` steps and once more at the end.
+    Never beyond ``cap`` (the plan ``--epochs`` asks for), never before ``step``.
+
+    Written because a schedule sized by hand from another machine's rate went wrong: cpu-18's
+    machine ran at half the documented rate, and ``max_time`` would have cut its cosine with the
+    learning rate still near 1e-4 (training/README.md, "Measure the step rate").
+    """
+    step_s = train_s / max(1, steps_timed)
+    every = max(1, val_every)
+
+    def cost(more: int) -> float:  # seconds for ``more`` steps: the validations on the way, one at the end
+        end = step + more
+        validations = end // every - step // every + (1 if end % every else 0)
+        return more * step_s + validations * val_s
+
+    lo, hi = 0, max(0, min(cap - step, math.floor(left_s / max(step_s, 1e-9))))
+    while lo < hi:  # the most steps whose cost fits (cost only grows with the steps)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= left_s else (lo, mid - 1)
+    return max(step, step + lo)
+
+
+def time_planner(budget_s: float, cap: int, val_every: int, val_guess_s: float, probe: int = 40) -> Any:
+    """A Lightning callback that fits the cosine schedule to ``budget_s`` seconds of training.
+
+    It re-plans after ``probe`` steps and after every validation (from the step and validation
+    times measured so far): it moves the scheduler's ``max_steps`` (and, while it is still
+    warming up, its ``warmup_steps``) and stops the run on the planned step, which makes
+    Lightning validate and checkpoint there. ``val_guess_s`` stands in for a validation's time
+    until one has been measured.
+    """
+    import time
+
+    import lightning.pytorch as pl
+
+    class TimePlan(pl.Callback):
+        def __init__(self) -> None:
+            self.plan = cap
+            self.val_s = 0.0
+            self.validations = 0
+            self.t0 = self.v0 = 0.0
+            self.step0 = 0
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.t0 = time.monotonic()
+            self.step0 = trainer.global_step
+
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            self.v0 = time.monotonic()
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.sanity_checking:
+                return
+            self.val_s += time.monotonic() - self.v0
+            self.validations += 1
+            if not trainer.should_stop:
+                self.replan(trainer)
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == self.step0 + probe:
+                self.replan(trainer)
+            if trainer.global_step >= self.plan:
+                trainer.should_stop = True
+
+        def replan(self, trainer: Any) -> None:
+            elapsed = time.monotonic() - self.t0
+            step = trainer.global_step
+            per_val = self.val_s / self.validations if self.validations else val_guess_s
+            # 2 % of the budget in reserve: the last validation and checkpoint must fit before max_time.
+            left = 0.98 * budget_s - elapsed
+            self.plan = time_plan(step, step - self.step0, elapsed - self.val_s, per_val, left, val_every, cap)
+            sched = trainer.lr_scheduler_configs[0].scheduler
+            offset = step - sched.last_epoch  # 0 unless the scheduler was restored out of step
+            sched.max_steps = self.plan - offset
+            if sched.last_epoch < sched.warmup_steps:
+                sched.warmup_steps = max(sched.last_epoch + 1, min(600, sched.max_steps // 8))
+            print(
+                f"time plan at step {step}: {(elapsed - self.val_s) / max(1, step - self.step0):.2f} s/step, "
+                f"{per_val:.0f} s/validation{'' if self.validations else ' (guessed)'}, {left / 60:.1f} min left "
+                f"-> end at step {self.plan} (warm-up {sched.warmup_steps})",
+                flush=True,
+            )
+
+    return TimePlan()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -220,8 +320,19 @@ def main() -> None:
         help="corpus directories from training.synth; several are trained on together, validation uses the first's",
     )
     p.add_argument("--run", type=Path, default=Path("training/runs/en"))
-    p.add_argument("--epochs", type=float, default=30, help="passes over the training data (may be fractional)")
-    p.add_argument("--max-minutes", type=float, default=0, help="stop (and checkpoint) after this long; 0 = no limit")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=30,
+        help="passes over the training data (may be fractional); with --max-minutes, at most this many",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0,
+        help="fit the schedule to this many minutes of training (measured step rate; ends on a validation, "
+        "checkpointed); 0 = no limit, the schedule is --epochs",
+    )
     p.add_argument("--batch-duration", type=float, default=80.0, help="seconds of audio per batch")
     p.add_argument(
         "--val-every",
@@ -293,6 +404,14 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true")
+    callbacks: list[Any] = []
+    planner = None
+    if args.max_minutes and not args.save_only:
+        # Until the first validation is timed: forward only (~1/3 of a training step's work per
+        # second of audio) over the validation audio, in fixed batches with padding.
+        val_audio_s = sum(json.loads(line)["duration"] for line in (args.data[0] / "val.json").open())
+        planner = time_planner(args.max_minutes * 60, max_steps, val_every, val_audio_s / args.batch_duration * 0.5)
+        callbacks.append(planner)
     ckpt = ModelCheckpoint(
         dirpath=args.run / "checkpoints",
         save_last=True,
@@ -312,7 +431,7 @@ def main() -> None:
         max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         gradient_clip_val=1.0,
         log_every_n_steps=10,
-        callbacks=[ckpt],
+        callbacks=[ckpt, *callbacks],
         logger=pl.loggers.CSVLogger(str(args.run), name="logs"),
         enable_progress_bar=False,
         use_distributed_sampler=False,  # lhotse samples itself
@@ -325,6 +444,7 @@ def main() -> None:
     print(
         f"parameters: {n_params / 1e6:.2f} M; device: {'gpu' if gpu else 'cpu'}, {precision}; {max_steps} steps "
         f"({args.epochs} passes over {total_s / 3600:.2f} h), validation every {val_every} steps"
+        + (f"; the schedule will be fitted to {args.max_minutes:g} minutes" if planner else "")
     )
     last = args.run / "checkpoints" / "last.ckpt"
     if args.save_only:  # checkpoints are named best-step=N-val_wer=W.ckpt: the lowest W wins
@@ -333,6 +453,11 @@ def main() -> None:
     else:
         trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
         best = ckpt.best_model_path
+        if planner is not None:  # the config on record: the schedule as fitted, not as first sized
+            sched = trainer.lr_scheduler_configs[0].scheduler
+            cfg.optim.sched.max_steps = sched.max_steps
+            cfg.optim.sched.warmup_steps = sched.warmup_steps
+            (args.run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     if best:
         model = EncDecCTCModelBPE.load_from_checkpoint(best, cfg=cfg, map_location="cpu")
     model.save_to(str(args.run / "model.nemo"))
