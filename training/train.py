@@ -264,10 +264,15 @@ def time_planner(budget_s: float, cap: int, val_every: int, val_guess_s: float, 
             self.plan = cap
             self.val_s = 0.0
             self.validations = 0
-            self.t0 = self.v0 = 0.0
+            self.t0 = self.v0 = self.spent = 0.0
             self.step0 = 0
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            # A resumed run (--resume) has spent part of the budget already: Lightning's Timer
+            # (max_time) carries that time in the checkpoint, so the plan counts it too.
+            from lightning.pytorch.callbacks import Timer
+
+            self.spent = sum(c.time_elapsed() for c in trainer.callbacks if isinstance(c, Timer))
             self.t0 = time.monotonic()
             self.step0 = trainer.global_step
 
@@ -293,7 +298,7 @@ def time_planner(budget_s: float, cap: int, val_every: int, val_guess_s: float, 
             step = trainer.global_step
             per_val = self.val_s / self.validations if self.validations else val_guess_s
             # 2 % of the budget in reserve: the last validation and checkpoint must fit before max_time.
-            left = 0.98 * budget_s - elapsed
+            left = 0.98 * budget_s - self.spent - elapsed
             self.plan = time_plan(step, step - self.step0, elapsed - self.val_s, per_val, left, val_every, cap)
             sched = trainer.lr_scheduler_configs[0].scheduler
             offset = step - sched.last_epoch  # 0 unless the scheduler was restored out of step
