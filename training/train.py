@@ -212,6 +212,12 @@ def validation_plan(planned: int, val_every: int) -> tuple[int, int]:
     return interval, n * interval
 
 
+def warmup_steps(max_steps: int) -> int:
+    """The warm-up for a cosine of ``max_steps``: a gentle one. With a fast one (200 steps to
+    2e-3) this model sat on the CTC blank plateau for 550+ steps without learning."""
+    return min(600, max_steps // 8)
+
+
 def time_plan(
     step: int,
     steps_timed: int,
@@ -243,7 +249,7 @@ def time_plan(
     while lo < hi:  # the most steps whose cost fits (cost only grows with the steps)
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= left_s else (lo, mid - 1)
-    return max(step, step + lo)
+    return step + lo
 
 
 def time_planner(budget_s: float, cap: int, val_every: int, val_guess_s: float, probe: int = 40) -> Any:
@@ -304,7 +310,7 @@ def time_planner(budget_s: float, cap: int, val_every: int, val_guess_s: float, 
             offset = step - sched.last_epoch  # 0 unless the scheduler was restored out of step
             sched.max_steps = self.plan - offset
             if sched.last_epoch < sched.warmup_steps:
-                sched.warmup_steps = max(sched.last_epoch + 1, min(600, sched.max_steps // 8))
+                sched.warmup_steps = max(sched.last_epoch + 1, warmup_steps(sched.max_steps))
             print(
                 f"time plan at step {step}: {(elapsed - self.val_s) / max(1, step - self.step0):.2f} s/step, "
                 f"{per_val:.0f} s/validation{'' if self.validations else ' (guessed)'}, {left / 60:.1f} min left "
@@ -402,9 +408,7 @@ def main() -> None:
     planned = max(1, round(steps_per_epoch * args.epochs))
     val_every, max_steps = validation_plan(planned, args.val_every)
     cfg.optim.sched.max_steps = max_steps
-    # A gentle warm-up: with a fast one (200 steps to 2e-3) this model sat on the CTC blank
-    # plateau for 550+ steps without learning.
-    cfg.optim.sched.warmup_steps = min(600, max_steps // 8)
+    cfg.optim.sched.warmup_steps = warmup_steps(max_steps)
     (args.run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     gpu = torch.cuda.is_available()
