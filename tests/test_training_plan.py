@@ -10,11 +10,12 @@ no longer than needed. Training itself never runs in CI; this checks the arithme
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from training.train import time_plan, training_manifest, validation_plan
+from training.train import finished_run, time_plan, training_manifest, validation_plan
 
 
 @pytest.mark.parametrize("planned", [1, 7, 100, 249, 250, 251, 2238, 2736, 6080])
@@ -85,3 +86,32 @@ def test_several_corpora_are_joined_in_order(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["one", "two", "three", "four", "five"]
     assert [Path(r["audio_filepath"]).parent.name for r in rows] == ["a", "a", "b", "c", "c"]
+
+
+def _run_dir(tmp_path: Path, *, nemo_after_ckpt: bool | None) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    os.utime(run / "checkpoints" / "last.ckpt", (1000, 1000))
+    if nemo_after_ckpt is not None:
+        (run / "model.nemo").write_bytes(b"nemo")
+        t = 2000 if nemo_after_ckpt else 500
+        os.utime(run / "model.nemo", (t, t))
+    return run
+
+
+def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
+    # model.nemo saved after the last checkpoint: the run ended; resuming it would train nothing
+    run = _run_dir(tmp_path, nemo_after_ckpt=True)
+    why = finished_run(run)
+    assert why is not None and str(run) in why and "mv " in why
+
+
+@pytest.mark.parametrize("nemo_after_ckpt", [None, False])
+def test_an_interrupted_run_resumes(tmp_path: Path, nemo_after_ckpt: bool | None) -> None:
+    # no model.nemo yet, or one older than the checkpoint (training went on after a --save-only)
+    assert finished_run(_run_dir(tmp_path, nemo_after_ckpt=nemo_after_ckpt)) is None
+
+
+def test_a_new_run_directory_is_fine(tmp_path: Path) -> None:
+    assert finished_run(tmp_path / "nothing-here") is None

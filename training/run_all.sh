@@ -43,13 +43,16 @@ done
 for d in "${ALSO[@]}"; do
   [ -f "$d/train.json" ] || { echo "--also $d: no train.json there (synthesize it first)" >&2; exit 2; }
 done
+PY=${PYTHON:-python3}
+# Training resumes training/runs/$NAME: refuse now, not after synthesis, if that run has ended.
+"$PY" -c 'import sys; from pathlib import Path; from training.train import finished_run
+why = finished_run(Path(sys.argv[1])); sys.exit(why and "run_all.sh: " + why)' "training/runs/$NAME"
 
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
   fortunes fortunes-min wordnet-base espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
 
-PY=${PYTHON:-python3}
 [ -x .venv-export/bin/python ] || "$PY" -m venv .venv-export
 .venv-export/bin/pip install -q torch==2.13.0
 .venv-export/bin/pip install -q -r requirements-export.txt -r training/requirements.txt

@@ -178,6 +178,24 @@ def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
+def finished_run(run: Path) -> str | None:
+    """Why ``--resume`` must not continue ``run``, or None when it may.
+
+    A run that ended saved ``<run>/model.nemo`` after its last checkpoint. Resuming it would
+    restore its ended schedule (and its weights, over ``--init-from``'s) and train nothing new:
+    what happened when a machine kept the previous session's ``training/runs/<name>`` (cpu-21).
+    An interrupted run has no ``model.nemo`` newer than ``last.ckpt`` and resumes as before.
+    run_all.sh asks this before synthesis, so the mistake costs seconds, not half an hour.
+    """
+    last, done = run / "checkpoints" / "last.ckpt", run / "model.nemo"
+    if last.exists() and done.exists() and done.stat().st_mtime > last.stat().st_mtime:
+        return (
+            f"{run} holds a finished run ({done} was saved after its last checkpoint): --resume would "
+            f"continue its ended schedule. Move it aside (mv {run} {run}-old) or train into another --run/--name"
+        )
+    return None
+
+
 def training_manifest(data: list[Path], run: Path) -> Path:
     """The training manifest for one or more corpora made by ``training.synth``.
 
@@ -376,6 +394,8 @@ def main() -> None:
         help="train nothing: write <run>/model.nemo from the best checkpoint so far (after stopping a run early)",
     )
     args = p.parse_args()
+    if args.resume and not args.save_only and (why := finished_run(args.run)):
+        p.error(why)
     logging.getLogger("nemo_logger").setLevel(logging.WARNING)
 
     import lightning.pytorch as pl
