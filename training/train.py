@@ -178,35 +178,12 @@ def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc keep the memory of freed tensors for the next step instead of returning it.
-
-    By default glibc gives large blocks back to the kernel when they are freed (blocks above its
-    mmap threshold, at most 32 MiB when it adapts it itself, and the heap's top when trimming), so
-    every training step faults its activations in afresh: on 2 cores that was ~15 % of the CPU
-    time in the kernel (cpu-21), ~1.2 GB of fresh pages a step. The subsampling convolutions'
-    activations alone exceed 32 MiB, so the threshold goes to 1 GiB (glibc 2.36 takes it) and
-    trimming stops: freed blocks stay in the heap for the next step. The process's memory stays
-    at its peak, which it reaches every step anyway. Returns False where the C library is not
-    glibc or refuses (nothing changes). ``bench/train_malloc.py`` measures it.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def finished_run(run: Path) -> str | None:
     """Why ``--resume`` must not continue ``run``, or None when it may.
 
     A run that ended saved ``<run>/model.nemo`` after its last checkpoint. Resuming it would
     restore its ended schedule (and its weights, over ``--init-from``'s) and train nothing new:
-    what happened when a machine kept the previous session's ``training/runs/<name>`` (cpu-21).
+    what cpu-21's machine, which kept cpu-20's ``training/runs/<name>``, would have done.
     An interrupted run has no ``model.nemo`` newer than ``last.ckpt`` and resumes as before.
     run_all.sh asks this before synthesis, so the mistake costs seconds, not half an hour.
     """
