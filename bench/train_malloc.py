@@ -1,4 +1,4 @@
-"""Training steps on the CPU: glibc's default allocator settings against ``train.py``'s, side by side.
+"""Training steps on the CPU: glibc's default allocator settings against keeping freed memory, side by side.
 
 On 2 cores a training step of the default model spent ~15 % of its time in the kernel (cpu-21:
 71 000 minor page faults a second, ~8.6 GB of fresh pages in 30 s): glibc hands large tensors
