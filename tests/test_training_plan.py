@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from training.train import finished_run, time_plan, training_manifest, validation_plan
+from training.train import best_checkpoints, finished_run, time_plan, training_manifest, validation_plan
 
 
 @pytest.mark.parametrize("planned", [1, 7, 100, 249, 250, 251, 2238, 2736, 6080])
@@ -150,3 +150,54 @@ def test_keep_freed_memory_reuses_a_freed_block() -> None:
     pages = (64 << 20) // 4096
     assert _faults_reallocating("default") > pages // 2
     assert _faults_reallocating("keep") < pages // 20
+
+
+def test_best_checkpoints_rank_by_validation_wer(tmp_path: Path) -> None:
+    # ModelCheckpoint's names (filename="best-{step}-{val_wer:.3f}"); last.ckpt is not a candidate
+    for name in [
+        "best-step=246-val_wer=0.202",
+        "best-step=1230-val_wer=0.183",
+        "best-step=1599-val_wer=0.184",
+        "best-step=1476-val_wer=0.189",
+        "best-step=984-val_wer=0.183",
+        "last",
+    ]:
+        (tmp_path / f"{name}.ckpt").write_bytes(b"")
+    ranked = [p.name for p in best_checkpoints(tmp_path, 3)]
+    # the lowest WER first; of two equal (rounded) scores, the later step
+    assert ranked == [
+        "best-step=1230-val_wer=0.183.ckpt",
+        "best-step=984-val_wer=0.183.ckpt",
+        "best-step=1599-val_wer=0.184.ckpt",
+    ]
+    assert len(best_checkpoints(tmp_path, 10)) == 5
+    assert best_checkpoints(tmp_path / "none", 3) == []
+
+
+_AVERAGE_PROBE = """
+import torch
+from training.train import average_weights
+g = torch.Generator().manual_seed(0)
+sds = [{"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).half(),
+        "n": torch.tensor(i + 7)} for i in range(3)]
+avg = average_weights(sds)
+assert torch.allclose(avg["w"], torch.stack([sd["w"] for sd in sds]).mean(0), atol=1e-6)
+assert avg["h"].dtype == torch.float16
+assert torch.allclose(avg["h"].float(), torch.stack([sd["h"].float() for sd in sds]).mean(0), atol=1e-3)
+assert avg["n"].item() == 7 and avg["n"].dtype == sds[0]["n"].dtype  # counters: the first (best) one's
+assert torch.equal(average_weights(sds[:1])["w"], sds[0]["w"])
+try:
+    average_weights([sds[0], {"w": sds[1]["w"]}])
+except ValueError:
+    print("ok")
+"""
+
+
+def test_average_weights_is_the_mean_of_the_checkpoints() -> None:
+    import subprocess
+
+    from tests.conftest import ROOT, require_export_python
+
+    out = subprocess.run([require_export_python(), "-c", _AVERAGE_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -220,6 +220,40 @@ def finished_run(run: Path) -> str | None:
     return None
 
 
+def best_checkpoints(ckpt_dir: Path, k: int) -> list[Path]:
+    """The ``k`` checkpoints with the lowest validation WER, best first.
+
+    ModelCheckpoint names them ``best-step=N-val_wer=W.ckpt``; ties go to the later step.
+    """
+
+    def key(p: Path) -> tuple[float, int]:
+        fields = dict(part.split("=", 1) for part in p.stem.removeprefix("best-").split("-") if "=" in part)
+        return float(fields["val_wer"]), -int(fields["step"])
+
+    return sorted(ckpt_dir.glob("best-*.ckpt"), key=key)[: max(0, k)]
+
+
+def average_weights(state_dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Checkpoint averaging: the element-wise mean of several checkpoints' weights.
+
+    Floating-point tensors (weights, biases, BatchNorm's running statistics) are averaged in
+    float64 and cast back; any other tensor (BatchNorm's ``num_batches_tracked`` counter) is
+    taken from the first state dict, the best checkpoint. All must have the same keys.
+    """
+    first = state_dicts[0]
+    for other in state_dicts[1:]:
+        if other.keys() != first.keys():
+            raise ValueError("checkpoints to average hold different parameters")
+    out: dict[str, Any] = {}
+    for name, value in first.items():
+        if value.is_floating_point():
+            total = sum(sd[name].double() for sd in state_dicts)
+            out[name] = (total / len(state_dicts)).to(value.dtype)
+        else:
+            out[name] = value.clone()
+    return out
+
+
 def training_manifest(data: list[Path], run: Path) -> Path:
     """The training manifest for one or more corpora made by ``training.synth``.
 
@@ -413,6 +447,14 @@ def main() -> None:
         "default): a run continues across machines from what was committed; optimizer and schedule start afresh",
     )
     p.add_argument(
+        "--average",
+        type=int,
+        default=4,
+        help="keep the N best checkpoints by validation WER and, at the end, validate the mean of the best 2..N "
+        "(checkpoint averaging); the model saved is whichever of those and the single best validates lowest "
+        "(1 = the single best, as before)",
+    )
+    p.add_argument(
         "--save-only",
         action="store_true",
         help="train nothing: write <run>/model.nemo from the best checkpoint so far (after stopping a run early)",
@@ -470,7 +512,7 @@ def main() -> None:
     ckpt = ModelCheckpoint(
         dirpath=args.run / "checkpoints",
         save_last=True,
-        save_top_k=1,
+        save_top_k=max(1, args.average),
         monitor="val_wer",
         mode="min",
         filename="best-{step}-{val_wer:.3f}",
@@ -502,24 +544,54 @@ def main() -> None:
         + (f"; the schedule will be fitted to {args.max_minutes:g} minutes" if planner else "")
     )
     last = args.run / "checkpoints" / "last.ckpt"
-    if args.save_only:  # checkpoints are named best-step=N-val_wer=W.ckpt: the lowest W wins
-        found = sorted((args.run / "checkpoints").glob("best-*.ckpt"), key=lambda p: float(p.stem.split("=")[-1]))
-        best = str(found[0]) if found else ""
-    else:
+    if not args.save_only:
         trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
-        best = ckpt.best_model_path
         if planner is not None:  # the config on record: the schedule as fitted, not as first sized
             sched = trainer.lr_scheduler_configs[0].scheduler
             cfg.optim.sched.max_steps = sched.max_steps
             cfg.optim.sched.warmup_steps = sched.warmup_steps
             (args.run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    # The checkpoints are named best-step=N-val_wer=W.ckpt: the lowest W wins.
+    ranked = best_checkpoints(args.run / "checkpoints", max(1, args.average))
+    best = str(ranked[0]) if ranked else ""
     if best:
         model = EncDecCTCModelBPE.load_from_checkpoint(best, cfg=cfg, map_location="cpu")
+    chosen = best or "last weights"
+    if len(ranked) > 1:
+        # Checkpoint averaging, judged on the validation set the run chose its best checkpoint on
+        # (which favours the single best: its score is the lowest of several noisy ones).
+        def validate() -> float:
+            judge = pl.Trainer(
+                accelerator="gpu" if gpu else "cpu",
+                devices=1,
+                precision=precision,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            return float(judge.validate(model, verbose=False)[0]["val_wer"])
+
+        weights = [torch.load(c, map_location="cpu", weights_only=False)["state_dict"] for c in ranked]
+        scores = {1: validate()}
+        for k in range(2, len(ranked) + 1):
+            model.load_state_dict(average_weights(weights[:k]))
+            scores[k] = validate()
+        print(
+            "validation WER, mean of the best k checkpoints: " + ", ".join(f"k={k}: {w:.4f}" for k, w in scores.items())
+        )
+        k = min(scores, key=lambda n: (scores[n], n))
+        model.load_state_dict(average_weights(weights[:k]))
+        if k > 1:
+            chosen = "the mean of " + ", ".join(c.name for c in ranked[:k])
+        (args.run / "averaging.json").write_text(
+            json.dumps({"checkpoints": [c.name for c in ranked], "val_wer": scores, "chosen_k": k}, indent=1) + "\n"
+        )
     model.save_to(str(args.run / "model.nemo"))
     # Half the size, for committing beside the shipped package: the next run starts from it
     # (--init-from), on any machine, since runs/ itself is never committed.
     model.half().save_to(str(args.run / "model.fp16.nemo"))
-    print(f"saved {args.run / 'model.nemo'} and model.fp16.nemo (from {best or 'last weights'})")
+    print(f"saved {args.run / 'model.nemo'} and model.fp16.nemo (from {chosen})")
 
 
 if __name__ == "__main__":
