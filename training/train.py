@@ -14,8 +14,9 @@ Across machines (this project's build machines start empty every session):
 Usage:
     python -m training.train --data training/data/audio [more corpora ...] --run training/runs/en \
         --epochs 30 --max-minutes 60 [--resume | --init-from PATH.nemo]
-Writes <run>/model.nemo (best checkpoint by validation WER) and its fp16 copy
-<run>/model.fp16.nemo at the end (or at once, with --save-only, from a stopped run).
+Writes <run>/model.nemo and its fp16 copy <run>/model.fp16.nemo at the end (or at once, with
+--save-only, from a stopped run): the best checkpoint by validation WER, or the mean of the best
+2..N (``--average N``, default 4) where one of those validates lower (<run>/averaging.json).
 """
 
 from __future__ import annotations
