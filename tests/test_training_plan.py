@@ -201,3 +201,39 @@ def test_average_weights_is_the_mean_of_the_checkpoints() -> None:
     out = subprocess.run([require_export_python(), "-c", _AVERAGE_PROBE], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+_ROUND_PROBE = """
+import torch
+from training.train import round_to_fp16
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+m.register_buffer("fb", torch.randn(4, 4))  # a buffer (the preprocessor's filterbank) stays as it is
+m[1].running_mean.copy_(torch.randn(8))
+with torch.no_grad():
+    for p in m.parameters():  # BatchNorm starts at ones and zeros, which float16 holds exactly
+        p.copy_(torch.randn_like(p))
+    m[2].bias.copy_(torch.tensor([1e6, 0.1]))  # beyond float16's range: that parameter is left alone
+before = {k: v.clone() for k, v in m.state_dict().items()}
+params = {k for k, _ in m.named_parameters()}
+assert round_to_fp16(m) == len(params) - 1
+after = m.state_dict()
+for k, v in after.items():
+    assert v.dtype == before[k].dtype
+    if k in params and k != "2.bias":
+        assert torch.equal(v, before[k].half().float()), k
+        assert not torch.equal(v, before[k]), k  # random weights are rarely float16 values already
+    else:
+        assert torch.equal(v, before[k]), k
+print("ok")
+"""
+
+
+def test_round_to_fp16_rounds_parameters_only() -> None:
+    import subprocess
+
+    from tests.conftest import ROOT, require_export_python
+
+    out = subprocess.run([require_export_python(), "-c", _ROUND_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
