@@ -580,8 +580,11 @@ def main() -> None:
     # The checkpoints are named best-step=N-val_wer=W.ckpt: the lowest W wins.
     ranked = best_checkpoints(args.run / "checkpoints", max(1, args.average))
     best = str(ranked[0]) if ranked else ""
+    weights = [torch.load(c, map_location="cpu", weights_only=False)["state_dict"] for c in ranked]
     if best:
-        model = EncDecCTCModelBPE.load_from_checkpoint(best, cfg=cfg, map_location="cpu")
+        # Into this model, not a fresh load_from_checkpoint one: that one has no validation
+        # loader, and validate() below needs it (cpu-23 lost its averaging to exactly that).
+        model.load_state_dict(weights[0])
     chosen = best or "last weights"
 
     def validate() -> float:  # the run's own validation set and metric, on the weights as they are now
@@ -599,7 +602,6 @@ def main() -> None:
     if len(ranked) > 1:
         # Checkpoint averaging, judged on the validation set the run chose its best checkpoint on
         # (which favours the single best: its score is the lowest of several noisy ones).
-        weights = [torch.load(c, map_location="cpu", weights_only=False)["state_dict"] for c in ranked]
         scores = {1: validate()}
         for k in range(2, len(ranked) + 1):
             model.load_state_dict(average_weights(weights[:k]))
