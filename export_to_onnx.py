@@ -209,6 +209,52 @@ def write_tokens(model: Any, decoder: Any, name: str, tokens_dir: Path) -> dict[
     return info
 
 
+# Weights smaller than this stay float32 whatever their values: biases and norms weigh little, and
+# scalar constants are what ORT's fusions match on.
+FP16_MIN_ELEMENTS = 1024
+
+
+def store_fp16_where_lossless(path: Path) -> int:
+    """Store each float32 weight whose every value is a float16 value as float16, behind a Cast.
+
+    Lossless by construction: only tensors that survive float32 -> float16 -> float32 unchanged
+    are converted, so the graph computes exactly what it did (the exporter's NeMo check runs on
+    the result). ONNX Runtime folds the Casts when it loads the graph (its optimized graph is
+    node for node the float32 one's), so inference is unchanged too; the file, the package and
+    what git stores for it shrink. A model trained by ``training/train.py`` has fp16-rounded
+    weights (its ``round_to_fp16``): its graph halves, 20.9 to 11.8 MB for the default model.
+    Other models' weights are rarely float16 values, and stay float32. Returns how many
+    tensors were converted.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    kept, casts = [], []
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= FP16_MIN_ELEMENTS:
+            a = numpy_helper.to_array(init)
+            with np.errstate(over="ignore"):  # beyond float16's range: inf, which fails the comparison
+                h = a.astype(np.float16)
+            if np.array_equal(h.astype(np.float32), a):
+                half = numpy_helper.from_array(h, init.name + "__fp16")
+                kept.append(half)
+                casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+                continue
+        kept.append(init)
+    if casts:
+        del g.initializer[:]
+        g.initializer.extend(kept)
+        nodes = list(g.node)
+        del g.node[:]
+        g.node.extend(casts + nodes)  # topological order: the Casts feed everything after them
+        onnx.checker.check_model(m)
+        onnx.save(m, str(path))
+    return len(casts)
+
+
 def add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
     import onnx
 
@@ -291,6 +337,7 @@ def export(
         tmp_onnx = Path(tmp) / "model.onnx"
         model.export(str(tmp_onnx), onnx_opset_version=17)
         os.replace(tmp_onnx, onnx_path)
+    fp16_tensors = store_fp16_where_lossless(onnx_path)
 
     vocab = write_tokens(model, decoder, name, tokens_dir)
     add_onnx_metadata(
@@ -328,6 +375,7 @@ def export(
             "inputs": ["audio_signal", "length"],
             "output": "logprobs",
             "max_abs_diff_vs_nemo": max_diff,
+            "fp16_weights": fp16_tensors,  # weights stored as float16 (exactly their values) behind a Cast
         },
         "features": feats,
         "encoder": {

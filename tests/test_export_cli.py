@@ -136,3 +136,93 @@ def test_short_limit_makes_a_smaller_graph(conformer: NemoModel) -> None:
     ).stat().st_size
     assert saved >= 0.95 * 2 * (7500 - 500) * 64 * 4
     _run_noise(work / "m", work / "t", "short", 20.0)
+
+
+_FP16_PROBE = """
+import sys, tempfile
+from pathlib import Path
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+sys.path.insert(0, ".")
+from export_to_onnx import store_fp16_where_lossless
+
+rng = np.random.default_rng(0)
+exact = rng.standard_normal((64, 32)).astype(np.float16).astype(np.float32)  # float16 values
+inexact = rng.standard_normal((64, 32)).astype(np.float32)  # random float32: not
+small = rng.standard_normal((1, 32)).astype(np.float16).astype(np.float32)  # exact, but under 1024 values
+huge = exact.copy()
+huge[0, 0] = 1e6  # beyond float16's range: float16 would make it inf
+inits = {"exact": exact, "inexact": inexact, "small": small, "huge": huge}
+nodes = [
+    helper.make_node("MatMul", ["x", "exact"], ["a"]),
+    helper.make_node("MatMul", ["x", "inexact"], ["b"]),
+    helper.make_node("MatMul", ["x", "huge"], ["c"]),
+    helper.make_node("Sum", ["a", "b", "c", "small"], ["y"]),
+]
+graph = helper.make_graph(
+    nodes, "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])],
+    [numpy_helper.from_array(v, k) for k, v in inits.items()],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+d = Path(tempfile.mkdtemp())
+path = d / "m.onnx"
+onnx.save(model, str(path))
+x = rng.standard_normal((5, 64)).astype(np.float32)
+before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+size = path.stat().st_size
+assert store_fp16_where_lossless(path) == 1
+m = onnx.load(str(path))
+types = {i.name: i.data_type for i in m.graph.initializer}
+assert types == {"exact__fp16": TensorProto.FLOAT16, "inexact": TensorProto.FLOAT,
+                 "small": TensorProto.FLOAT, "huge": TensorProto.FLOAT}, types
+assert [n.op_type for n in m.graph.node][0] == "Cast"
+after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+assert np.array_equal(before, after)  # lossless: the same numbers, bit for bit
+assert size - path.stat().st_size >= 0.9 * 64 * 32 * 2  # half its 4-byte values, less the Cast node
+assert store_fp16_where_lossless(path) == 0  # nothing left to convert: the file is left as it is
+print("ok")
+"""
+
+
+def test_fp16_storage_is_lossless_and_only_where_exact() -> None:
+    r = subprocess.run([require_export_python(), "-c", _FP16_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_fp16_rounded_model_exports_at_half_the_weight(conformer: NemoModel) -> None:
+    """A model whose weights are float16 values (what training/train.py saves) is stored in float16;
+    one with ordinary float32 weights (the random test model) is stored as it was."""
+    work = run_nemo_cached(
+        "fp16-rounded",
+        [conformer.nemo_path],
+        [
+            ["tests/nemo_side/round_fp16.py", str(conformer.nemo_path), "{work}/rounded.nemo"],
+            [
+                "export_to_onnx.py",
+                "{work}/rounded.nemo",
+                "--name",
+                "half",
+                "--models-dir",
+                "{work}/m",
+                "--tokens-dir",
+                "{work}/t",
+                "--max-audio-s",
+                "300",
+            ],
+        ],
+    )
+    full = json.loads((conformer.model_dir / conformer.name / "model.json").read_text())
+    half = json.loads((work / "m" / "half" / "model.json").read_text())
+    assert full["onnx"]["fp16_weights"] == 0
+    assert half["onnx"]["fp16_weights"] > 0
+    assert half["onnx"]["max_abs_diff_vs_nemo"] <= 1e-3  # the exporter's check ran on the float16 file
+    saved = (conformer.model_dir / conformer.name / "model.onnx").stat().st_size - (
+        work / "m" / "half" / "model.onnx"
+    ).stat().st_size
+    assert saved >= 0.8 * 2 * half["parameters"], (saved, half["parameters"])
+    _run_noise(work / "m", work / "t", "half", 30.0)
