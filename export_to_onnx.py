@@ -233,8 +233,13 @@ def store_fp16_where_lossless(path: Path) -> int:
     m = onnx.load(str(path))
     g = m.graph
     kept, casts = [], []
+    inputs = {i.name for i in g.input}  # an initializer that is also an input (old IR) can be overridden: keep it
     for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= FP16_MIN_ELEMENTS:
+        if (
+            init.data_type == TensorProto.FLOAT
+            and int(np.prod(init.dims)) >= FP16_MIN_ELEMENTS
+            and init.name not in inputs
+        ):
             a = numpy_helper.to_array(init)
             with np.errstate(over="ignore"):  # beyond float16's range: inf, which fails the comparison
                 h = a.astype(np.float16)
