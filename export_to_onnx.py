@@ -214,7 +214,7 @@ def write_tokens(model: Any, decoder: Any, name: str, tokens_dir: Path) -> dict[
 FP16_MIN_ELEMENTS = 1024
 
 
-def store_fp16_where_lossless(path: Path) -> int:
+def store_fp16_where_lossless(m: Any) -> int:
     """Store each float32 weight whose every value is a float16 value as float16, behind a Cast.
 
     Lossless by construction: only tensors that survive float32 -> float16 -> float32 unchanged
@@ -223,14 +223,12 @@ def store_fp16_where_lossless(path: Path) -> int:
     node for node the float32 one's), so inference is unchanged too; the file, the package and
     what git stores for it shrink. A model trained by ``training/train.py`` has fp16-rounded
     weights (its ``round_to_fp16``): its graph halves, 20.9 to 11.8 MB for the default model.
-    Other models' weights are rarely float16 values, and stay float32. Returns how many
-    tensors were converted.
+    Other models' weights are rarely float16 values, and stay float32. Changes the ModelProto
+    ``m`` in place; returns how many tensors were converted.
     """
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    m = onnx.load(str(path))
     g = m.graph
     kept, casts = [], []
     inputs = {i.name for i in g.input}  # an initializer that is also an input (old IR) can be overridden: keep it
@@ -255,20 +253,15 @@ def store_fp16_where_lossless(path: Path) -> int:
         nodes = list(g.node)
         del g.node[:]
         g.node.extend(casts + nodes)  # topological order: the Casts feed everything after them
-        onnx.checker.check_model(m)
-        onnx.save(m, str(path))
     return len(casts)
 
 
-def add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
-    import onnx
-
-    m = onnx.load(str(path))
+def add_onnx_metadata(m: Any, meta: dict[str, str]) -> None:
+    """Set ``meta`` as the ModelProto's metadata properties (in place)."""
     existing = {p.key: p for p in m.metadata_props}
     for k, v in meta.items():
         prop = existing.get(k) or m.metadata_props.add()
         prop.key, prop.value = k, str(v)
-    onnx.save(m, str(path))
 
 
 def verify(model: Any, decoder: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.0) -> float:
@@ -314,6 +307,7 @@ def export(
 ) -> Path:
     import nemo
     import numpy as np
+    import onnx
     import torch
 
     model = load_model(source)
@@ -341,12 +335,12 @@ def export(
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         tmp_onnx = Path(tmp) / "model.onnx"
         model.export(str(tmp_onnx), onnx_opset_version=17)
-        os.replace(tmp_onnx, onnx_path)
-    fp16_tensors = store_fp16_where_lossless(onnx_path)
+        graph = onnx.load(str(tmp_onnx))  # NeMo's export, finished in memory and written once
 
     vocab = write_tokens(model, decoder, name, tokens_dir)
+    fp16_tensors = store_fp16_where_lossless(graph)
     add_onnx_metadata(
-        onnx_path,
+        graph,
         {
             # Read by sherpa-onnx (OfflineRecognizer.from_nemo_ctc) and onnx-asr (nemo-conformer-ctc).
             "vocab_size": str(vocab["size"] + 1),
@@ -361,6 +355,8 @@ def export(
             "comment": f"exported by export_to_onnx.py from {model_type} with NeMo {nemo.__version__}",
         },
     )
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(onnx_path))
 
     max_diff = verify(model, decoder, onnx_path, sub) if check else None
     meta = {

@@ -174,8 +174,10 @@ onnx.save(model, str(path))
 x = rng.standard_normal((5, 64)).astype(np.float32)
 before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 size = path.stat().st_size
-assert store_fp16_where_lossless(path) == 1
 m = onnx.load(str(path))
+assert store_fp16_where_lossless(m) == 1
+onnx.checker.check_model(m)
+onnx.save(m, str(path))
 types = {i.name: i.data_type for i in m.graph.initializer}
 assert types == {"exact__fp16": TensorProto.FLOAT16, "inexact": TensorProto.FLOAT,
                  "small": TensorProto.FLOAT, "huge": TensorProto.FLOAT}, types
@@ -183,7 +185,9 @@ assert [n.op_type for n in m.graph.node][0] == "Cast"
 after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 assert np.array_equal(before, after)  # lossless: the same numbers, bit for bit
 assert size - path.stat().st_size >= 0.9 * 64 * 32 * 2  # half its 4-byte values, less the Cast node
-assert store_fp16_where_lossless(path) == 0  # nothing left to convert: the file is left as it is
+again = onnx.load(str(path))
+assert store_fp16_where_lossless(again) == 0  # nothing left to convert
+assert again == m  # and the graph is left as it is
 print("ok")
 """
 
