@@ -7,6 +7,8 @@ host with network access. Output, under the project root (or the directories you
     models/<name>/model.onnx   NeMo's own ONNX export (encoder + CTC decoder, log-softmax output),
                                with metadata for sherpa-onnx and onnx-asr
     models/<name>/model.json   every parameter the runtime needs, read from the model itself
+    models/<name>/nemo_state.npz  with model.onnx, the NeMo weights exactly (for training runs
+                               that continue from the package; the service does not read it)
     tokens/<name>.txt          token map: one "piece id" line per token, then "<blk> V"
     tokens/<name>.model        the SentencePiece model, for exact detokenization (BPE models)
 
@@ -264,6 +266,82 @@ def add_onnx_metadata(m: Any, meta: dict[str, str]) -> None:
         prop.key, prop.value = k, str(v)
 
 
+NEMO_STATE_FILE = "nemo_state.npz"
+
+
+def write_nemo_state(model: Any, graph: Any, onnx_sha256: str, path: Path) -> dict[str, int]:
+    """Write ``nemo_state.npz``: with ``model.onnx``, everything needed to rebuild the NeMo state_dict.
+
+    A training run continues from a shipped package with this (``training/train.py --init-from
+    models/<name>``), so a package need not also carry the NeMo weights (the 8.6 MB
+    ``model.fp16.nemo.gz`` the default package carried until cpu-24, beside the same weights in
+    ``model.onnx``: every model shipped cost git both). Each state_dict float32 tensor whose
+    values are an initializer's, as they are or transposed (MatMul weights), is indexed by that
+    initializer's name; the rest is stored as it is: the depthwise convolutions and their
+    BatchNorms (the export folds one into the other), the feature extractor's buffers, integer
+    counters. ``onnx_sha256`` ties the index to this ``model.onnx``.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    by_shape: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
+    for init in graph.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype.kind == "f":  # float16-stored weights are their float32 values, exactly
+            by_shape.setdefault(a.shape, []).append((init.name, a.astype(np.float32)))
+    index: dict[str, tuple[str, bool]] = {}
+    rest: dict[str, Any] = {}
+    for key, tensor in model.state_dict().items():
+        a = tensor.detach().cpu().numpy()
+        views = [(False, a), (True, a.T)] if a.ndim == 2 else [(False, a)]
+        found = None
+        if a.dtype == np.float32:
+            found = next(
+                (
+                    (name, transposed)
+                    for transposed, v in views
+                    for name, x in by_shape.get(v.shape, [])
+                    if np.array_equal(x, v)
+                ),
+                None,
+            )
+        if found:
+            index[key] = found
+        else:
+            rest[key] = a
+    head = {"onnx_sha256": onnx_sha256, "in_onnx": index}
+    with path.open("wb") as f:
+        np.savez_compressed(f, __index__=np.array(json.dumps(head)), **rest)
+    return {"in_onnx": len(index), "stored": len(rest)}
+
+
+def read_nemo_state(pkg_dir: Path) -> dict[str, Any]:
+    """The NeMo state_dict of a package, as numpy arrays, from ``model.onnx`` and ``nemo_state.npz``.
+
+    Exactly the state_dict the package was exported from (checked in tests/test_training_run.py).
+    Refuses a ``model.onnx`` other than the one the index was written for.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    meta = json.loads((pkg_dir / "model.json").read_text())
+    onnx_path = pkg_dir / meta["onnx"]["file"]
+    state_path = pkg_dir / NEMO_STATE_FILE
+    if not state_path.is_file():
+        raise ExportError(f"{pkg_dir}: no {NEMO_STATE_FILE} (exported before export_to_onnx.py wrote one)")
+    with np.load(state_path, allow_pickle=False) as z:
+        head = json.loads(str(z["__index__"]))
+        state = {k: z[k] for k in z.files if k != "__index__"}
+    if sha256_file(onnx_path) != head["onnx_sha256"]:
+        raise ExportError(f"{state_path} was written for another {onnx_path.name} (sha256 differs)")
+    inits = {i.name: i for i in onnx.load(str(onnx_path)).graph.initializer}
+    for key, (name, transposed) in head["in_onnx"].items():
+        a = numpy_helper.to_array(inits[name]).astype(np.float32)
+        state[key] = np.ascontiguousarray(a.T if transposed else a)
+    return state
+
+
 def verify(model: Any, decoder: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.0) -> float:
     """Compare the exported graph with NeMo's forward on the same features; return max |diff|.
 
@@ -358,6 +436,9 @@ def export(
     onnx.checker.check_model(graph)
     onnx.save(graph, str(onnx_path))
 
+    onnx_sha256 = sha256_file(onnx_path)
+    nemo_state = write_nemo_state(model, graph, onnx_sha256, out_dir / NEMO_STATE_FILE)
+
     max_diff = verify(model, decoder, onnx_path, sub) if check else None
     meta = {
         "format_version": FORMAT_VERSION,
@@ -371,7 +452,7 @@ def export(
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "onnx": {
             "file": onnx_path.name,
-            "sha256": sha256_file(onnx_path),
+            "sha256": onnx_sha256,
             "opset": 17,
             "inputs": ["audio_signal", "length"],
             "output": "logprobs",
@@ -385,6 +466,9 @@ def export(
             "max_audio_s": float(max_audio_s),
         },
         "vocabulary": vocab,
+        # Not read by the service: training/train.py --init-from models/<name> rebuilds the NeMo
+        # weights from model.onnx and this file (write_nemo_state).
+        "nemo_state": {"file": NEMO_STATE_FILE, **nemo_state},
     }
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir

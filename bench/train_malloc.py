@@ -67,12 +67,18 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     nemo = Path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        if nemo.suffix == ".gz":
-            plain = Path(tmp) / nemo.stem
-            with gzip.open(nemo) as f, plain.open("wb") as g:
-                shutil.copyfileobj(f, g)
-            nemo = plain
-        model = EncDecCTCModelBPE.restore_from(str(nemo), map_location="cpu").float()
+        if nemo.is_dir():
+            from training.train import nemo_model_from_package
+
+            model = nemo_model_from_package(nemo, Path(tmp))
+        else:
+            if nemo.suffix == ".gz":
+                plain = Path(tmp) / nemo.stem
+                with gzip.open(nemo) as f, plain.open("wb") as g:
+                    shutil.copyfileobj(f, g)
+                nemo = plain
+            model = EncDecCTCModelBPE.restore_from(str(nemo), map_location="cpu")
+    model = model.float()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     data = []
@@ -117,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=".nemo or .nemo.gz (e.g. models/<name>/model.fp16.nemo.gz)")
+    p.add_argument("--model", required=True, help="a model package (e.g. models/<name>), a .nemo or a .nemo.gz")
     p.add_argument("--manifest", required=True, type=Path, help="a training.synth train.json")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)

@@ -11,6 +11,7 @@ recovers a stopped run. NeMo runs in its own environment, as a subprocess.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,20 @@ for name, p in model.named_parameters():
     n += 1
 assert n > 50, n
 print("ok", n)
+"""
+
+# Two .nemo files hold the same state_dict: every key, dtype and value.
+_SAME_STATE = """
+import sys, tarfile, torch
+def state(path):
+    with tarfile.open(path) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
+        return torch.load(tar.extractfile(m), map_location="cpu", weights_only=True)
+a, b = state(sys.argv[1]), state(sys.argv[2])
+assert a.keys() == b.keys(), set(a) ^ set(b)
+bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+assert not bad, bad
+print("same", len(a))
 """
 
 
@@ -87,7 +102,7 @@ def test_a_run_trains_averages_and_saves_then_save_only_redoes_it(tmp_path: Path
     assert rec["val_wer"][str(rec["chosen_k"])] == min(rec["val_wer"].values())
     assert isinstance(rec["fp16_rounded"], float)
     assert "validation WER, mean of the best k checkpoints" in out.stdout
-    for name in ("model.nemo", "model.fp16.nemo", "config.yaml"):
+    for name in ("model.nemo", "config.yaml"):
         assert (run / name).stat().st_size > 0, name
 
     check = subprocess.run([py, "-c", _CHECK_SAVED, str(run)], cwd=ROOT, capture_output=True, text=True)
@@ -107,3 +122,46 @@ def test_a_run_trains_averages_and_saves_then_save_only_redoes_it(tmp_path: Path
         assert abs(redo["val_wer"][k] - wer) < 1e-4, (k, redo["val_wer"][k], wer)
     check = subprocess.run([py, "-c", _CHECK_SAVED, str(run)], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, _tail(check)
+
+    # The package export_to_onnx.py makes of this model is where the next run starts
+    # (--init-from models/<name>): started from it, a run (--save-only: with nothing trained) saves
+    # exactly the state_dict it was exported from, and the tokenizer files NeMo wrote for the run.
+    pkg_root = tmp_path / "pkg"
+    dirs = ["--models-dir", str(pkg_root / "models"), "--tokens-dir", str(pkg_root / "tokens")]
+    exported = subprocess.run(
+        [py, "export_to_onnx.py", str(run / "model.nemo"), "--name", "tiny", "--max-audio-s", "20", *dirs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert exported.returncode == 0, _tail(exported)
+    pkg = pkg_root / "models" / "tiny"
+    meta = json.loads((pkg / "model.json").read_text())
+    assert meta["nemo_state"]["in_onnx"] > 50, meta["nemo_state"]  # the weights are read from model.onnx
+    run2 = tmp_path / "run2"
+    started = _train(py, data, run2, "--init-from", str(pkg), "--tokens-dir", str(pkg_root / "tokens"), "--save-only")
+    assert started.returncode == 0, _tail(started)
+    for name in ("tokenizer.model", "tokenizer.vocab", "vocab.txt"):
+        assert (run2 / "tokenizer" / name).read_bytes() == (run / "tokenizer" / name).read_bytes(), name
+    # The NeMo model rebuilt from the package (with the run's config, as run_all.sh ships it) is
+    # the exported one: as close to the graph as at export (max_abs_diff_vs_nemo).
+    shutil.copy(run / "config.yaml", pkg / "training_config.yaml")
+    rebuilt = subprocess.run(
+        [py, "tests/nemo_side/rebuild_from_package.py", str(pkg), str(pkg_root / "tokens")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rebuilt.returncode == 0, _tail(rebuilt)
+    diff = float(rebuilt.stdout.strip().splitlines()[-1].split()[-1])
+    assert diff <= max(1e-4, 2 * meta["onnx"]["max_abs_diff_vs_nemo"]), (diff, meta["onnx"])
+    same = subprocess.run(
+        [py, "-c", _SAME_STATE, str(run / "model.nemo"), str(run2 / "model.nemo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert same.returncode == 0, _tail(same)
+    assert same.stdout.strip().splitlines()[-1].startswith("same ")

@@ -2,11 +2,12 @@
 # The whole default-model recipe on an empty machine: text, speech, training, export, evaluation.
 #
 #   bash training/run_all.sh [--train N] [--extra M] [--train-seed S] [--epochs E] [--max-minutes M]
-#                            [--batch-duration S] [--lr LR] [--init-from PATH.nemo]
+#                            [--batch-duration S] [--lr LR] [--init-from models/<name> | PATH.nemo]
 #                            [--data DIR] [--also DIR ...] [--wide-voices]
 #
-# --init-from models/<name>/model.fp16.nemo.gz continues from the committed default model's
-# weights (the build machines start empty each session, so training/runs/ rarely survives); a
+# --init-from models/<name> continues from the committed default model's package (its NeMo
+# weights rebuilt from model.onnx and nemo_state.npz; the build machines start empty each
+# session, so training/runs/ rarely survives); a
 # continuation wants a lower peak learning rate (--lr 3e-4 restarts cheapest; not compared side by side
 # with 5e-4 from the same weights: training/README.md, cpu-6 to cpu-12).
 # --train defaults to the whole training split (22 151 sentences, 22.6 h, 33 min of synthesis):
@@ -66,9 +67,11 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 .venv-export/bin/python export_to_onnx.py "training/runs/$NAME/model.nemo" --name "$NAME" --language en \
   --max-audio-s 80
 # --max-audio-s 80: one service window (60 s core + 2 x 10 s context; longer audio is windowed),
-# which keeps the graph's positional table small. The fp16 NeMo weights ride along in the
-# package (gzipped, within its 30 MB): the next run starts from them with --init-from.
-gzip -9 -n -c "training/runs/$NAME/model.fp16.nemo" > "models/$NAME/model.fp16.nemo.gz"
+# which keeps the graph's positional table small. The export also writes nemo_state.npz, what
+# model.onnx lacks of the NeMo weights (~64 KB): the next run starts from the package with
+# --init-from models/$NAME.
+# The run's model config: what train.py's nemo_model_from_package rebuilds the NeMo model with.
+cp "training/runs/$NAME/config.yaml" "models/$NAME/training_config.yaml"
 .venv/bin/python -m training.evaluate --model "$NAME" --json "models/$NAME/evaluation.json" \
   --by-voice --seen-text "$DATA/train.json" "${ALSO[@]/%//train.json}" \
   --sets "$DATA/test_voices.json" "$DATA/test_heldout.json" "$DATA/test_noisy.json"

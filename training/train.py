@@ -9,14 +9,15 @@ and ``--resume`` continues from ``last.ckpt``. ``--max-minutes`` fits the learni
 the time: the run measures its own step rate and ends its cosine, on a validation, within the
 minutes given (``--epochs`` is then an upper bound), with Lightning's ``max_time`` as a backstop.
 Across machines (this project's build machines start empty every session):
-``--init-from models/<name>/model.fp16.nemo`` continues from the committed default model.
+``--init-from models/<name>`` continues from the committed default model's package (its NeMo
+weights rebuilt from ``model.onnx`` and ``nemo_state.npz``; a ``.nemo`` file works too).
 
 Usage:
     python -m training.train --data training/data/audio [more corpora ...] --run training/runs/en \
-        --epochs 30 --max-minutes 60 [--resume | --init-from PATH.nemo]
-Writes <run>/model.nemo and its fp16 copy <run>/model.fp16.nemo at the end (or at once, with
---save-only, from a stopped run): the best checkpoint by validation WER, or the mean of the best
-2..N (``--average N``, default 4) where one of those validates lower (<run>/averaging.json).
+        --epochs 30 --max-minutes 60 [--resume | --init-from models/<name> | --init-from PATH.nemo]
+Writes <run>/model.nemo at the end (or at once, with --save-only, from a stopped run): the best
+checkpoint by validation WER, or the mean of the best 2..N (``--average N``, default 4) where
+one of those validates lower (<run>/averaging.json).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent  # the project: models/ and tokens/ side by side
 
 SEED = 1234
 VOCAB_SIZE = 128
@@ -174,20 +177,34 @@ def train_tokenizer(manifest: Path, out: Path) -> Path:
     return tok_dir
 
 
-def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
-    """Weights and tokenizer of an earlier run's ``.nemo`` (fp16 or fp32), to continue from.
+def warm_start(source: Path, run: Path, tokens_dir: Path = ROOT / "tokens") -> dict[str, Any]:
+    """Weights and tokenizer to continue from: a model package's directory, or a ``.nemo`` (fp16 or fp32).
 
-    The tokenizer goes into ``<run>/tokenizer`` (so ``train_tokenizer`` keeps it: token ids must
-    not change); the weights come back as float32, for ``load_state_dict`` on the fresh model.
+    A package (``models/<name>``, as export_to_onnx.py wrote it) gives its NeMo weights through
+    ``read_nemo_state`` (``model.onnx`` plus ``nemo_state.npz``) and its tokenizer from
+    ``<tokens_dir>/<name>.model``. The tokenizer goes into ``<run>/tokenizer`` (so
+    ``train_tokenizer`` keeps it: token ids must not change); the weights come back as float32
+    tensors, for ``load_state_dict`` on the fresh model.
     """
-    import tarfile
-
     import torch
 
     tok_dir = run / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        from export_to_onnx import read_nemo_state
+
+        tokenizer = json.loads((source / "model.json").read_text())["vocabulary"].get("tokenizer", {})
+        if tokenizer.get("type") != "sentencepiece":
+            raise SystemExit(f"{source}: not a SentencePiece (BPE) model package; train.py trains only those")
+        write_nemo_tokenizer((tokens_dir / tokenizer["file"]).read_bytes(), tok_dir)
+        return {
+            k: torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v)
+            for k, v in read_nemo_state(source).items()
+        }
+    import tarfile
+
     weights: dict[str, Any] = {}
-    with tarfile.open(nemo) as tar:
+    with tarfile.open(source) as tar:
         for m in tar.getmembers():
             base = m.name.rsplit("/", 1)[-1]
             f = tar.extractfile(m)
@@ -199,8 +216,54 @@ def warm_start(nemo: Path, run: Path) -> dict[str, Any]:
                 if base == want or base.endswith("_" + want):
                     (tok_dir / want).write_bytes(f.read())
     if not weights or not (tok_dir / "tokenizer.model").exists():
-        raise SystemExit(f"{nemo}: no model_weights.ckpt or tokenizer.model inside; is it a .nemo file?")
+        raise SystemExit(f"{source}: no model_weights.ckpt or tokenizer.model inside; is it a .nemo file?")
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def nemo_model_from_package(pkg: Path, work: Path, tokens_dir: Path = ROOT / "tokens") -> Any:
+    """The NeMo model a package was exported from, rebuilt from the package alone, in eval mode.
+
+    Its ``training_config.yaml`` (the run's model config, which run_all.sh copies into the
+    package; the data sections are dropped), its weights and tokenizer (``warm_start``).
+    ``work`` receives the tokenizer files the model reads.
+    """
+    from nemo.collections.asr.models import EncDecCTCModelBPE
+    from omegaconf import OmegaConf, open_dict
+
+    state = warm_start(pkg, work, tokens_dir)
+    cfg = OmegaConf.load(pkg / "training_config.yaml")
+    with open_dict(cfg):
+        cfg.tokenizer.dir = str(work / "tokenizer")
+        for k in ("train_ds", "validation_ds", "test_ds"):
+            cfg.pop(k, None)
+    model = EncDecCTCModelBPE(cfg=cfg)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def write_nemo_tokenizer(spm_model: bytes, tok_dir: Path) -> None:
+    """The three files NeMo's BPE tokenizer setup reads, from the SentencePiece model alone.
+
+    ``tokenizer.model`` as it is; ``tokenizer.vocab`` as SentencePiece's trainer writes it
+    (piece, tab, score); ``vocab.txt`` by NeMo's ``create_spt_model`` rule (special pieces
+    left out, a word-initial piece without its "\u2581", any other with "##"). Byte for byte
+    what ``create_spt_model`` wrote for the same model (tests/test_training_run.py).
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=spm_model)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    special = {i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)}
+    vocab = []
+    for i, piece in enumerate(pieces):
+        if i not in special:
+            token = piece[1:] if piece.startswith("\u2581") else f"##{piece}"
+            vocab.append(token or piece[0])
+    (tok_dir / "tokenizer.model").write_bytes(spm_model)
+    (tok_dir / "tokenizer.vocab").write_text(
+        "".join(f"{p}\t{sp.get_score(i):g}\n" for i, p in enumerate(pieces)), encoding="utf8"
+    )
+    (tok_dir / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab), encoding="utf8")
 
 
 def finished_run(run: Path) -> str | None:
@@ -258,13 +321,12 @@ def average_weights(state_dicts: list[dict[str, Any]]) -> dict[str, Any]:
 def round_to_fp16(model: Any) -> int:
     """Round every trainable parameter, in place, to the nearest float16 value (kept in float32).
 
-    The shipped model is then exactly its committed fp16 copy (the next run's ``--init-from``),
-    and the float32 graph's weights have their 13 low mantissa bits zero, so git stores a shipped
-    graph in ~13 MB instead of ~19 (measured on cpu-22's): the repository grows by every model
-    shipped and has a size limit. Buffers are left alone: the preprocessor's window and mel
-    filterbank must stay as the runtime computes them, and BatchNorm's statistics are small. A
-    parameter that float16 cannot hold (beyond +-65504) is left as it is. Returns how many
-    parameters were rounded.
+    The graph's weights are then float16 values, which export_to_onnx.py stores as float16
+    (``store_fp16_where_lossless``): cpu-24's graph took 11.8 MB instead of 20.9, and git stores
+    about that much for every model shipped (the repository has a size limit). Buffers are left
+    alone: the preprocessor's window and mel filterbank must stay as the runtime computes them,
+    and BatchNorm's statistics are small. A parameter that float16 cannot hold (beyond +-65504)
+    is left as it is. Returns how many parameters were rounded.
     """
     import torch
 
@@ -468,8 +530,15 @@ def main() -> None:
     p.add_argument(
         "--init-from",
         type=Path,
-        help="start from this .nemo's weights and tokenizer (e.g. models/<name>/model.fp16.nemo, the shipped "
-        "default): a run continues across machines from what was committed; optimizer and schedule start afresh",
+        help="start from the weights and tokenizer of a model package (e.g. models/<name>, the shipped default) "
+        "or a .nemo file: a run continues across machines from what was committed; optimizer and schedule "
+        "start afresh",
+    )
+    p.add_argument(
+        "--tokens-dir",
+        type=Path,
+        default=ROOT / "tokens",
+        help="where --init-from's package keeps its tokenizer (tokens/<name>.model; default: the project's)",
     )
     p.add_argument(
         "--average",
@@ -500,7 +569,7 @@ def main() -> None:
     pl.seed_everything(SEED, workers=True)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     args.run.mkdir(parents=True, exist_ok=True)
-    init = warm_start(args.init_from, args.run) if args.init_from else None
+    init = warm_start(args.init_from, args.run, args.tokens_dir) if args.init_from else None
     train = training_manifest(args.data, args.run).resolve()
     tok_dir = train_tokenizer(train, args.run)
     cfg = OmegaConf.create(
@@ -620,11 +689,9 @@ def main() -> None:
         (args.run / "averaging.json").write_text(json.dumps(record, indent=1) + "\n")
     else:
         round_to_fp16(model)
+    # export_to_onnx.py packages it; the next run starts from that package (--init-from models/<name>).
     model.save_to(str(args.run / "model.nemo"))
-    # Half the size, for committing beside the shipped package: the next run starts from it
-    # (--init-from), on any machine, since runs/ itself is never committed.
-    model.half().save_to(str(args.run / "model.fp16.nemo"))
-    print(f"saved {args.run / 'model.nemo'} and model.fp16.nemo (from {chosen})")
+    print(f"saved {args.run / 'model.nemo'} (from {chosen})")
 
 
 if __name__ == "__main__":
