@@ -281,14 +281,19 @@ def write_nemo_state(model: Any, graph: Any, onnx_sha256: str, path: Path) -> di
     BatchNorms (the export folds one into the other), the feature extractor's buffers, integer
     counters. ``onnx_sha256`` ties the index to this ``model.onnx``.
     """
+    import hashlib
+
     import numpy as np
     from onnx import numpy_helper
 
-    by_shape: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
+    def fingerprint(a: Any) -> tuple[tuple[int, ...], bytes]:  # the shape and the float32 bytes, hashed
+        return a.shape, hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()
+
+    in_graph: dict[tuple[tuple[int, ...], bytes], str] = {}
     for init in graph.graph.initializer:
         a = numpy_helper.to_array(init)
         if a.dtype.kind == "f":  # float16-stored weights are their float32 values, exactly
-            by_shape.setdefault(a.shape, []).append((init.name, a.astype(np.float32)))
+            in_graph.setdefault(fingerprint(a), init.name)
     index: dict[str, tuple[str, bool]] = {}
     rest: dict[str, Any] = {}
     for key, tensor in model.state_dict().items():
@@ -296,18 +301,10 @@ def write_nemo_state(model: Any, graph: Any, onnx_sha256: str, path: Path) -> di
         views = [(False, a), (True, a.T)] if a.ndim == 2 else [(False, a)]
         found = None
         if a.dtype == np.float32:
-            found = next(
-                (
-                    (name, transposed)
-                    for transposed, v in views
-                    for name, x in by_shape.get(v.shape, [])
-                    if np.array_equal(x, v)
-                ),
-                None,
-            )
+            found = next(((in_graph[fp], t) for t, v in views if (fp := fingerprint(v)) in in_graph), None)
         if found:
             index[key] = found
-        else:
+        else:  # also what a match missed would come to: stored here, never lost
             rest[key] = a
     head = {"onnx_sha256": onnx_sha256, "in_onnx": index}
     with path.open("wb") as f:
