@@ -45,14 +45,13 @@ assert n > 50, n
 print("ok", n)
 """
 
-# Two .nemo files hold the same state_dict: every key, dtype and value.
+# Two .nemo files hold the same state_dict: every key, dtype and value (read as train.py reads them).
 _SAME_STATE = """
-import sys, tarfile, torch
-def state(path):
-    with tarfile.open(path) as tar:
-        m = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
-        return torch.load(tar.extractfile(m), map_location="cpu", weights_only=True)
-a, b = state(sys.argv[1]), state(sys.argv[2])
+import sys, tempfile, torch
+from pathlib import Path
+from training.train import warm_start
+with tempfile.TemporaryDirectory() as tmp:
+    a, b = (warm_start(Path(p), Path(tmp) / str(i)) for i, p in enumerate(sys.argv[1:3]))
 assert a.keys() == b.keys(), set(a) ^ set(b)
 bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
 assert not bad, bad
