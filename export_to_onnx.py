@@ -33,13 +33,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-# The runtime's own definitions of the package contract (numpy-only imports, no FastAPI).
-from service.decoding import SPACE_PIECE, Subsampling  # noqa: E402
-from service.models import sha256_file  # noqa: E402
+# The runtime's own definitions of the package contract (numpy and pydantic, no FastAPI). Run as a
+# script, this file's folder (the project root) is the first entry of sys.path, so ``service``
+# imports from the checkout; installed with ``pip install .``, from the installed package.
+from service.decoding import SPACE_PIECE, Subsampling
+from service.features import FeatureConfig
+from service.package import (
+    EncoderSection,
+    Manifest,
+    NemoStateSection,
+    OnnxSection,
+    Vocabulary,
+    sha256_file,
+    write_peer_files,
+)
 
-FORMAT_VERSION = 1
+ROOT = Path(__file__).resolve().parent
 
 
 class ExportError(Exception):
@@ -322,8 +331,7 @@ def read_nemo_state(pkg_dir: Path) -> dict[str, Any]:
     import onnx
     from onnx import numpy_helper
 
-    meta = json.loads((pkg_dir / "model.json").read_text())
-    onnx_path = pkg_dir / meta["onnx"]["file"]
+    onnx_path = pkg_dir / Manifest.read(pkg_dir).onnx.file
     state_path = pkg_dir / NEMO_STATE_FILE
     if not state_path.is_file():
         raise ExportError(f"{pkg_dir}: no {NEMO_STATE_FILE} (exported before export_to_onnx.py wrote one)")
@@ -437,37 +445,29 @@ def export(
     nemo_state = write_nemo_state(model, graph, onnx_sha256, out_dir / NEMO_STATE_FILE)
 
     max_diff = verify(model, decoder, onnx_path, sub) if check else None
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "language": language,
-        "model_class": model_type,
-        "source": str(source),
-        "nemo_version": nemo.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "onnx": {
-            "file": onnx_path.name,
-            "sha256": onnx_sha256,
-            "opset": 17,
-            "inputs": ["audio_signal", "length"],
-            "output": "logprobs",
-            "max_abs_diff_vs_nemo": max_diff,
-            "fp16_weights": fp16_tensors,  # weights stored as float16 (exactly their values) behind a Cast
-        },
-        "features": feats,
-        "encoder": {
-            "subsampling": sub,
-            "frame_shift_s": frame_s,
-            "max_audio_s": float(max_audio_s),
-        },
-        "vocabulary": vocab,
+    manifest = Manifest(
+        name=name,
+        language=language,
+        model_class=model_type,
+        source=str(source),
+        nemo_version=nemo.__version__,
+        torch_version=torch.__version__.split("+")[0],
+        exported_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        parameters=int(sum(p.numel() for p in model.parameters())),
+        onnx=OnnxSection(
+            file=onnx_path.name, sha256=onnx_sha256, max_abs_diff_vs_nemo=max_diff, fp16_weights=fp16_tensors
+        ),
+        features=FeatureConfig.model_validate(feats),
+        encoder=EncoderSection(
+            subsampling=Subsampling.model_validate(sub), frame_shift_s=frame_s, max_audio_s=float(max_audio_s)
+        ),
+        vocabulary=Vocabulary.model_validate(vocab),
         # Not read by the service: training/train.py --init-from models/<name> rebuilds the NeMo
         # weights from model.onnx and this file (write_nemo_state).
-        "nemo_state": {"file": NEMO_STATE_FILE, **nemo_state},
-    }
-    (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        nemo_state=NemoStateSection(file=NEMO_STATE_FILE, **nemo_state),
+    )
+    manifest.write(out_dir)
+    write_peer_files(out_dir, tokens_dir)  # onnx-asr's config.json and vocab.txt
     return out_dir
 
 
@@ -513,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = json.loads((out / "model.json").read_text())
-    diff = meta["onnx"]["max_abs_diff_vs_nemo"]
+    diff = Manifest.read(out).onnx.max_abs_diff_vs_nemo
     print(f"wrote {out}/model.onnx, {out}/model.json, {args.tokens_dir}/{name}.txt")
     if diff is not None:
         print(f"ONNX vs NeMo log-probs: max |diff| = {diff:.2e}")

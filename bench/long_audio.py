@@ -26,8 +26,8 @@ import numpy as np
 
 from bench.common import RESULTS, cpu_info, speech
 from service.config import Settings
-from service.longform import ChunkPlan, transcribe_in_windows
 from service.models import ModelPackage, Recognizer
+from service.pipeline import chunk_plan, transcribe_samples
 from service.registry import default_model_name
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     s = Settings()
     name = args.model or default_model_name(s)
     rec = Recognizer(ModelPackage.open(s.model_dir, s.tokens_dir, name), intra_op_threads=s.resolved_intra_op_threads())
-    plan = ChunkPlan.create(s.chunk_s, s.chunk_context_s, rec.sample_rate, rec.frame_samples, rec.max_audio_s)
+    plan = chunk_plan(s, rec)
     rows = []
     for sec in args.seconds:
         if sec > rec.max_audio_s:  # the graph's positional table ends there (export --max-audio-s)
@@ -56,7 +56,7 @@ def main() -> None:
             continue
         x = speech(sec, seed=int(sec))
         t_whole, whole = timed(lambda x=x: rec.transcribe([x])[0])
-        t_win, (win, n) = timed(lambda x=x: transcribe_in_windows(rec, x, plan))
+        t_win, (win, n) = timed(lambda x=x: transcribe_samples(rec, x, plan))
         wer = jiwer.wer(whole.text, win.text) if whole.text else float("nan")
         rows.append({"seconds": sec, "windows": n, "unchunked_s": t_whole, "windowed_s": t_win, "wer_between": wer})
         print(f"{sec:6.0f} s: unchunked {t_whole:6.2f} s, {n} windows {t_win:6.2f} s "
@@ -72,8 +72,8 @@ def main() -> None:
         pieces += [x[i : i + n], np.zeros(n, np.float32)]
         i += n
     padded = np.concatenate(pieces)
-    t_speech, (a, _) = timed(lambda: transcribe_in_windows(rec, x, plan))
-    t_padded, (b, _) = timed(lambda: transcribe_in_windows(rec, padded, plan))
+    t_speech, (a, _) = timed(lambda: transcribe_samples(rec, x, plan))
+    t_padded, (b, _) = timed(lambda: transcribe_samples(rec, padded, plan))
     silence = {
         "speech_s": sec,
         "with_pauses_s": padded.shape[0] / 16000,

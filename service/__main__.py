@@ -24,9 +24,9 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server, plus: readiness answers 503 "draining" from the moment SIGTERM arrives."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        app = self.config.app
-        if hasattr(app, "state") and not app.state.draining:
-            app.state.draining = True
+        state = getattr(getattr(self.config.app, "state", None), "service", None)
+        if state is not None and not state.draining:
+            state.draining = True
             logging.getLogger("service").info("signal %d: draining, then exiting", sig)
         super().handle_exit(sig, frame)
 

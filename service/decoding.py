@@ -30,15 +30,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
 
 # Token-map spelling of SentencePiece's word boundary, and of a literal space in character
 # vocabularies (a map line is "piece id", so a piece cannot be a bare space).
 SPACE_PIECE = "\u2581"
 
 
-@dataclass(frozen=True)
-class Subsampling:
+class Subsampling(BaseModel):
     """How the encoder shortens the time axis (NeMo's ``calc_length`` parameters)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     factor: int
     kernel_size: int
@@ -49,14 +51,7 @@ class Subsampling:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Subsampling:
-        return cls(
-            factor=int(d["factor"]),
-            kernel_size=int(d["kernel_size"]),
-            stride=int(d["stride"]),
-            all_paddings=int(d["all_paddings"]),
-            ceil_mode=bool(d["ceil_mode"]),
-            repeat_num=int(d["repeat_num"]),
-        )
+        return cls.model_validate(d)
 
     def encoded_lengths(self, feat_lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """Encoder output frames for each input length: NeMo's float formula in integer form."""

@@ -20,27 +20,31 @@ Each signal is featurized on its own, so results do not depend on what it is bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, model_validator
 
 NORMALIZE_EPS = 1e-5  # NeMo's CONSTANT added to the standard deviation
 _WINDOWS = {"hann": np.hanning, "hamming": np.hamming, "blackman": np.blackman, "bartlett": np.bartlett}
 _BLOCK_FRAMES = 4096  # frames per STFT block: bounds temporaries for long inputs
 
 
-@dataclass(frozen=True)
-class FeatureConfig:
-    """The ``features`` section of model.json (written by export_to_onnx.py)."""
+class FeatureConfig(BaseModel):
+    """The ``features`` section of model.json (written by export_to_onnx.py, read through
+    ``service.package.Manifest``): NeMo's preprocessor parameters as the export read them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     sample_rate: int
+    window_size_s: float | None = None  # as NeMo's config gives them; win_length/hop_length rule
+    window_stride_s: float | None = None
     win_length: int
     hop_length: int
     n_fft: int
-    n_mels: int
     window: str = "hann"
+    n_mels: int
     lowfreq: float = 0.0
     highfreq: float | None = None
     mel_norm: str | None = "slaney"
@@ -56,12 +60,15 @@ class FeatureConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureConfig:
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.validate()
-        return cfg
+        return cls.model_validate(d)
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> FeatureConfig:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Refuse parameters the numpy preprocessor does not reproduce."""
         if self.window not in _WINDOWS and self.window != "none":
             raise ValueError(f"unsupported window {self.window!r}")
         if self.mel_norm not in ("slaney", None):

@@ -25,7 +25,6 @@ import numpy.typing as npt
 
 from service.decoding import FramePath
 from service.features import FeatureExtractor, NormStats
-from service.models import Recognizer, Transcript
 
 
 @dataclass(frozen=True)
@@ -128,22 +127,3 @@ def windows(blocks: Iterator[npt.NDArray[np.float32]], plan: ChunkPlan) -> Itera
         k += 1
         drop = max(0, (k * core - ctx) - buf_start)
         buf, buf_start = buf[drop:], buf_start + drop
-
-
-def transcribe_in_windows(rec: Recognizer, samples: npt.NDArray[np.float32], plan: ChunkPlan) -> tuple[Transcript, int]:
-    """The server's windowed path, in process and synchronous (benchmarks, offline tools).
-
-    Returns the transcript and the number of windows (1: short enough to run unchunked).
-    """
-
-    def blocks() -> Iterator[npt.NDArray[np.float32]]:
-        step = 10 * rec.sample_rate
-        return (samples[i : i + step] for i in range(0, samples.shape[0], step))
-
-    first = scan(blocks(), plan, rec.features)
-    if first.samples is not None:
-        return rec.decode(rec.paths([first.samples])[0]), 1
-    parts = []
-    for w in windows(blocks(), plan):
-        parts.append(w.keep(rec.paths([w.samples], [first.stats])[0]))
-    return rec.decode(FramePath.concat(parts)), len(parts)

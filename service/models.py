@@ -7,8 +7,6 @@ A ``Recognizer`` ties together the package's features, engine and decoding.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,37 +14,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.decoding import Detokenizer, FramePath, Subsampling, Word, ctc_align, read_token_map
+from service.decoding import Detokenizer, FramePath, Word, ctc_align, read_token_map
 from service.engine import Device, Engine
-from service.features import FeatureConfig, FeatureExtractor, NormStats
-
-SUPPORTED_FORMAT_VERSION = 1
-
-
-class PackageError(Exception):
-    """A model package is missing, incomplete or inconsistent (an operator's problem)."""
-
-
-def list_packages(model_dir: Path) -> list[str]:
-    """Names of the packages in ``model_dir`` (directories holding a model.json)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(p.name for p in model_dir.iterdir() if (p / "model.json").is_file())
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (model.json records it for model.onnx)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from service.features import FeatureExtractor, NormStats
+from service.package import MANIFEST_FILE, Manifest, PackageError, list_packages, sha256_file
 
 
 @dataclass(frozen=True)
 class ModelPackage:
+    """A package's files on disk, checked: its manifest, graph, token map and tokenizer."""
+
     name: str
-    meta: dict[str, Any]
+    manifest: Manifest
     onnx_path: Path
     tokens_path: Path
     spm_path: Path | None
@@ -54,47 +33,25 @@ class ModelPackage:
     @classmethod
     def open(cls, model_dir: Path, tokens_dir: Path, name: str) -> ModelPackage:
         pkg_dir = model_dir / name
-        meta_path = pkg_dir / "model.json"
-        if not meta_path.is_file():
+        if not (pkg_dir / MANIFEST_FILE).is_file():
             have = ", ".join(list_packages(model_dir)) or "none"
             raise PackageError(f"no model package '{name}' in {model_dir} (packages found: {have})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PackageError(f"{meta_path}: unreadable: {e}") from e
-        if meta.get("format_version") != SUPPORTED_FORMAT_VERSION:
-            raise PackageError(
-                f"{meta_path}: format_version {meta.get('format_version')!r} is not supported "
-                f"(expected {SUPPORTED_FORMAT_VERSION}); re-export with this version's export_to_onnx.py"
-            )
-        onnx_path = pkg_dir / meta["onnx"]["file"]
-        vocab = meta["vocabulary"]
-        tokens_path = tokens_dir / vocab["tokens_file"]
-        tok = vocab.get("tokenizer", {"type": "char"})
-        spm_path = tokens_dir / tok["file"] if tok["type"] == "sentencepiece" else None
+        m = Manifest.read(pkg_dir)
+        onnx_path = pkg_dir / m.onnx.file
+        tokens_path = tokens_dir / m.vocabulary.tokens_file
+        tok = m.vocabulary.tokenizer
+        spm_path = tokens_dir / tok.file if tok.type == "sentencepiece" and tok.file else None
+        if tok.type == "sentencepiece" and spm_path is None:
+            raise PackageError(f"model package '{name}': a sentencepiece tokenizer without its file")
         for p in (onnx_path, tokens_path, spm_path):
             if p is not None and not p.is_file():
                 raise PackageError(f"model package '{name}' is incomplete: {p} is missing")
-        expected = meta["onnx"].get("sha256")
-        if expected and sha256_file(onnx_path) != expected:
+        if m.onnx.sha256 and sha256_file(onnx_path) != m.onnx.sha256:
             raise PackageError(f"{onnx_path}: checksum differs from model.json (corrupt or replaced file)")
-        return cls(name=name, meta=meta, onnx_path=onnx_path, tokens_path=tokens_path, spm_path=spm_path)
+        return cls(name=name, manifest=m, onnx_path=onnx_path, tokens_path=tokens_path, spm_path=spm_path)
 
     def summary(self) -> dict[str, Any]:
-        m = self.meta
-        return {
-            "name": self.name,
-            "language": m.get("language"),
-            "model_class": m.get("model_class"),
-            "parameters": m.get("parameters"),
-            "sample_rate": m["features"]["sample_rate"],
-            "vocab_size": m["vocabulary"]["size"],
-            "subsampling_factor": m["encoder"]["subsampling"]["factor"],
-            "frame_shift_s": m["encoder"]["frame_shift_s"],
-            "max_audio_s": m["encoder"].get("max_audio_s"),
-            "nemo_version": m.get("nemo_version"),
-            "onnx_sha256": m["onnx"].get("sha256"),
-        }
+        return {**self.manifest.summary(), "name": self.name}
 
 
 @dataclass(frozen=True)
@@ -111,26 +68,26 @@ class Recognizer:
         self, package: ModelPackage, device: Device = "cpu", intra_op_threads: int = 1, inter_op_threads: int = 1
     ):
         self.package = package
-        meta = package.meta
+        m = package.manifest
+        self.features = FeatureExtractor(m.features)
+        self.subsampling = m.encoder.subsampling
         try:
-            self.features = FeatureExtractor(FeatureConfig.from_dict(meta["features"]))
-            self.subsampling = Subsampling.from_dict(meta["encoder"]["subsampling"])
             pieces = read_token_map(package.tokens_path)
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             raise PackageError(f"model package '{package.name}': {e}") from e
-        vocab = meta["vocabulary"]
+        vocab = m.vocabulary
         # Token map: V pieces then "<blk> V"; the graph outputs V + 1 classes.
-        if len(pieces) != vocab["size"] + 1 or vocab["blank_id"] != vocab["size"]:
+        if len(pieces) != vocab.size + 1 or vocab.blank_id != vocab.size:
             raise PackageError(
                 f"model package '{package.name}': token map has {len(pieces)} entries, "
-                f"model.json says {vocab['size']} tokens + blank"
+                f"model.json says {vocab.size} tokens + blank"
             )
-        self.blank_id = int(vocab["blank_id"])
-        self.detokenize = Detokenizer(pieces[:-1], package.spm_path, vocab.get("supported_punctuation", []))
+        self.blank_id = vocab.blank_id
+        self.detokenize = Detokenizer(pieces[:-1], package.spm_path, vocab.supported_punctuation)
         self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads)
-        self.sample_rate = int(meta["features"]["sample_rate"])
-        self.max_audio_s = float(meta["encoder"].get("max_audio_s") or float("inf"))
-        self.frame_shift_s = float(meta["encoder"]["frame_shift_s"])
+        self.sample_rate = m.features.sample_rate
+        self.max_audio_s = m.encoder.max_audio_s or float("inf")
+        self.frame_shift_s = m.encoder.frame_shift_s
         # Input samples per encoder frame (feature hop x subsampling factor).
         self.frame_samples = self.features.cfg.hop_length * self.subsampling.factor
         self.name = package.name

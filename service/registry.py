@@ -15,11 +15,10 @@ model, because they share the cores and the memory; it is decided before the bod
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,11 +27,13 @@ import numpy as np
 from service.config import Settings
 from service.errors import ClientError, ServiceUnavailable
 from service.metrics import Metrics
-from service.models import ModelPackage, PackageError, Recognizer, list_packages
+from service.models import ModelPackage, Recognizer
+from service.package import Manifest, PackageError, list_packages
 from service.scheduler import Scheduler
 
 log = logging.getLogger("service")
 Status = Literal["unloaded", "loading", "ready", "failed"]
+DEFAULT_ALIAS = "default"
 
 
 def default_model_name(settings: Settings) -> str:
@@ -82,8 +83,15 @@ class ModelEntry:
 
 
 class ModelRegistry:
+    """Every package the server can serve, by name, and what state each is in.
+
+    Loads run on a thread of their own (``load_pool``), never on the inference pool: opening,
+    checksumming and warming up model B must not delay requests to model A that is serving.
+    """
+
     def __init__(self, settings: Settings, metrics: Metrics, infer_pool: Executor):
         self.settings, self.metrics, self.pool = settings, metrics, infer_pool
+        self.load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-load")
         self.entries: dict[str, ModelEntry] = {}
         self._lock: asyncio.Lock | None = None
         self._stopping: set[asyncio.Future[None]] = set()
@@ -111,15 +119,21 @@ class ModelRegistry:
                 entry = ModelEntry(name)
                 pkg_dir = self.settings.model_dir / name
                 try:
-                    meta = json.loads((pkg_dir / "model.json").read_text())
-                    entry.language = meta.get("language")
-                    entry.file_mb = (pkg_dir / meta["onnx"]["file"]).stat().st_size / 2**20
-                except (OSError, ValueError, KeyError, TypeError):
+                    manifest = Manifest.read(pkg_dir)
+                    entry.language = manifest.language
+                    entry.file_mb = (pkg_dir / manifest.onnx.file).stat().st_size / 2**20
+                except (OSError, PackageError):
                     pass
                 self.entries[name] = entry
 
     def resolve(self, model: str | None, language: str | None) -> ModelEntry:
-        """The entry a request asks for: by name, else by language, else the default model."""
+        """The entry a request asks for: by name, else by language, else the default model.
+
+        ``default`` (unless a package has that name) means "no model named": a new user's first
+        guess, and what OpenAI clients can send when they must name a model.
+        """
+        if model == DEFAULT_ALIAS and model not in self.entries:
+            model = None
         if model:
             if model not in self.entries:
                 self.refresh()
@@ -228,7 +242,7 @@ class ModelRegistry:
 
     async def _load(self, entry: ModelEntry) -> None:
         rss0 = self.metrics.rss_bytes() or 0.0
-        rec = await asyncio.get_running_loop().run_in_executor(self.pool, self._build, entry)
+        rec = await asyncio.get_running_loop().run_in_executor(self.load_pool, self._build, entry)
         if rec is None:
             self.metrics.ready.labels(entry.name).set(0)
             return
@@ -266,7 +280,7 @@ class ModelRegistry:
             log.error("model %s failed to load: %s", entry.name, entry.reason)
             return None
         t2 = time.perf_counter()
-        entry.language = pkg.meta.get("language")
+        entry.language = pkg.manifest.language
         entry.details = {
             **pkg.summary(),
             "providers": rec.engine.providers,
@@ -294,3 +308,4 @@ class ModelRegistry:
         for e in self.entries.values():
             if e.scheduler is not None:
                 await e.scheduler.stop()
+        self.load_pool.shutdown(wait=True, cancel_futures=True)

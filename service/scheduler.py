@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.decoding import FramePath
-from service.errors import ServiceUnavailable
+from service.errors import DeadlineExceeded, ServiceUnavailable
 from service.features import NormStats
 from service.models import Recognizer
 
@@ -36,14 +36,6 @@ from service.models import Recognizer
 MAX_PADDING = 0.25
 # Audio per batch (seconds, padded): bounds the memory of one batch; a longer single job runs alone.
 MAX_BATCH_AUDIO_S = 240.0
-
-
-class DeadlineExceeded(Exception):
-    """The job waited in the queue past its deadline and was dropped before compute."""
-
-    def __init__(self, waited_s: float):
-        super().__init__(f"waited {waited_s:.3f} s in the queue past its deadline")
-        self.waited_s = waited_s
 
 
 @dataclass(eq=False)

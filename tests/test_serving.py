@@ -328,7 +328,7 @@ def test_draining_server_is_not_ready() -> None:
     app = create_app(Settings())
     with TestClient(app) as client:
         wait_for(lambda: client.get("/health").status_code == 200, 60)
-        app.state.draining = True
+        app.state.service.draining = True
         r = client.get("/health/ready")
         assert r.status_code == 503 and r.json()["status"] == "draining"
         assert client.get("/health/live").status_code == 200
