@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.conftest import EXPORT_PYTHON, SENTENCES, VOICES, synthesize  # noqa: E402
+from testkit.nemo import EXPORT_PYTHON, ROOT
+from testkit.speech import SENTENCES, VOICES, synthesize
 
 CACHE = ROOT / ".cache" / "bench"
 NAME = "bench_medium_ctc"

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from bench.common import NAME, RESULTS, cpu_info, medium_model, server_env, speech, wav_bytes
 from service.config import available_cpus
 from service.models import ModelPackage, Recognizer
-from tests.server import running_server
+from testkit.server import running_server
 
 
 def session_options(threads: int) -> ort.SessionOptions:

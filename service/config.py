@@ -13,6 +13,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bundled(folder: str) -> Path:
+    """``models``/``tokens`` of the checkout this code runs from; installed with pip, the working directory's."""
+    here = ROOT / folder
+    return here if here.is_dir() else Path.cwd() / folder
+
+
 def available_cpus() -> int:
     """CPUs this process may really use: affinity mask, capped by a cgroup v2 CPU quota.
 
@@ -37,8 +43,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ASR_", extra="ignore")
 
-    model_dir: Path = Field(ROOT / "models", description="Directory holding models/<name>/ packages")
-    tokens_dir: Path = Field(ROOT / "tokens", description="Directory holding tokens/<name>.txt maps")
+    model_dir: Path = Field(
+        default_factory=lambda: _bundled("models"), description="Directory holding models/<name>/ packages"
+    )
+    tokens_dir: Path = Field(
+        default_factory=lambda: _bundled("tokens"), description="Directory holding tokens/<name>.txt maps"
+    )
     default_model: str = Field(
         "", description="Package served by default; empty: the only package, or the first by name"
     )

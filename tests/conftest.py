@@ -23,48 +23,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache"
-EXPORT_PYTHON = Path(os.environ.get("ASR_EXPORT_PYTHON", ROOT / ".venv-export" / "bin" / "python"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from testkit.nemo import CACHE, EXPORT_PYTHON, IN_CI, ROOT
+from testkit.speech import SENTENCES, VOICES, synthesize
 
-# Sentences spoken by espeak-ng for the parity clips (the model is random: any speech will do,
-# but real speech gives realistic spectra and lengths).
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog",
-    "she sells sea shells by the sea shore",
-    "a speech recognition service turns audio into text",
-    "please call stella and ask her to bring these things with her from the store",
-    "six spoons of fresh snow peas five thick slabs of blue cheese",
-    "we also need a small plastic snake and a big toy frog for the kids",
-    "it was the best of times it was the worst of times",
-    "hello world",
-    "numbers one two three four five six seven eight nine ten",
-    "the rain in spain stays mainly in the plain",
-    "how much wood would a woodchuck chuck",
-    "to be or not to be that is the question",
-    "peter piper picked a peck of pickled peppers",
-    "every good boy does fine",
-    "yes",
-    "the weather today is sunny with a chance of rain in the evening",
-]
-VOICES = ["en", "en-us", "en-gb-x-rp", "en+f3", "en-us+m2", "en-gb-scotland", "en+f5", "en-us+klatt"]
+__all__ = ["CACHE", "EXPORT_PYTHON", "IN_CI", "ROOT", "SENTENCES", "VOICES", "synthesize"]
 
 
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def synthesize(text: str, voice: str, speed: int, out: Path, rate: int = 16000) -> Path:
-    """Speak ``text`` with espeak-ng, then convert with sox to ``rate`` Hz mono 16-bit WAV.
-
-    sox -D: no dither, so the clips are byte-identical from run to run and the NeMo cache hits.
-    """
-    raw = out.with_suffix(".espeak.wav")
-    _run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text])
-    _run(["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)])
-    raw.unlink()
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +84,20 @@ def _digest(paths: list[Path], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+# Fixtures that build or run NeMo models: a test that takes one is in the ``nemo`` tier.
+NEMO_FIXTURES = {"conformer", "nemo_model", "char_model", "local", "nemo_features", "hindi", "nemo_server"}
+FAST_TIER = os.environ.get("ASR_TEST_TIER", "") == "fast"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if NEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.nemo)
+
+
 def require_export_python() -> str:
+    if FAST_TIER:  # tests/run.sh --fast: a test that gets here is missing its mark
+        pytest.fail("this test needs the NeMo environment: mark it @pytest.mark.nemo (or take a NeMo fixture)")
     if not EXPORT_PYTHON.exists():
         msg = f"NeMo export interpreter {EXPORT_PYTHON} not found (tests/run.sh creates .venv-export)"
         if IN_CI:
@@ -139,7 +118,7 @@ def run_nemo_cached(tag: str, inputs: list[Path], steps: list[list[str]]) -> Pat
         *sorted((ROOT / "tests" / "nemo_side").glob("*.py")),
         ROOT / "export_to_onnx.py",
         # runtime modules the exporter imports (package contract, length formula, checksum)
-        *(ROOT / "service" / f"{m}.py" for m in ("decoding", "models", "engine", "features")),
+        *(ROOT / "service" / f"{m}.py" for m in ("decoding", "features", "package")),
     ]
     # Inputs live in per-session temp dirs: key on their names and content, not their paths.
     where = {str(p): p.name for p in inputs}

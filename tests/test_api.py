@@ -1,4 +1,7 @@
-"""The real service over real HTTP: transcripts equal NeMo's, every bad input gets a clear 4xx."""
+"""The real service over real HTTP: transcripts equal NeMo's, every bad input gets a clear 4xx.
+
+Most of it runs on the committed default model (``server``: the fast tier, no NeMo); the tests
+that compare transcripts with NeMo's own run on a NeMo-built model (``nemo_server``)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import NemoModel
-from tests.server import running_server
+from service.config import Settings
+from service.registry import default_model_name
+from testkit.server import running_server
+from tests.conftest import NemoModel, speech_files
 
 
 def model_env(m: NemoModel, **extra: str) -> dict[str, str]:
@@ -28,8 +33,29 @@ def model_env(m: NemoModel, **extra: str) -> dict[str, str]:
     }
 
 
+DEFAULT_MODEL = default_model_name(Settings())
+
+
+def default_env(**extra: str) -> dict[str, str]:
+    """The server as users start it: the bundled models, plus ``extra`` settings."""
+    return dict(extra)
+
+
 @pytest.fixture(scope="module")
-def server(conformer: NemoModel) -> Iterator[str]:
+def clips(speech_dir: Path) -> list[Path]:
+    return speech_files(speech_dir)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """The committed default model (no NeMo needed)."""
+    with running_server(default_env(ASR_MAX_DURATION_S="60")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def nemo_server(conformer: NemoModel) -> Iterator[str]:
+    """A NeMo-built model whose NeMo transcripts the fixture recorded."""
     with running_server(model_env(conformer, ASR_MAX_DURATION_S="60")) as url:
         yield url
 
@@ -65,9 +91,9 @@ def test_health_root_docs(server: str) -> None:
     assert "/transcribe" in spec["paths"]
 
 
-def test_transcripts_over_http_equal_nemo(server: str, conformer: NemoModel) -> None:
+def test_transcripts_over_http_equal_nemo(nemo_server: str, conformer: NemoModel) -> None:
     for path, expected in zip(conformer.files, conformer.transcripts, strict=True):
-        r = post(server, path.read_bytes(), path.name)
+        r = post(nemo_server, path.read_bytes(), path.name)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["text"] == expected, path.name
@@ -81,13 +107,13 @@ def test_transcripts_over_http_equal_nemo(server: str, conformer: NemoModel) -> 
     [("PCM_24", 1), ("PCM_32", 1), ("FLOAT", 1), ("DOUBLE", 1), ("PCM_16", 2), ("PCM_24", 3)],
 )
 def test_bit_depths_and_channels_same_transcript(
-    server: str, conformer: NemoModel, subtype: str, channels: int
+    nemo_server: str, conformer: NemoModel, subtype: str, channels: int
 ) -> None:
     """The same 16 kHz samples in a wider format, or copied to every channel, give NeMo's text."""
     path, expected = conformer.files[1], conformer.transcripts[1]
     x, sr = sf.read(str(path), dtype="float64")
     data = wav_bytes(np.repeat(x[:, None], channels, axis=1), sr, subtype)
-    r = post(server, data)
+    r = post(nemo_server, data)
     assert r.status_code == 200, r.text
     assert r.json()["text"] == expected
     assert r.json()["audio"]["channels"] == channels
@@ -95,9 +121,9 @@ def test_bit_depths_and_channels_same_transcript(
 
 @pytest.mark.parametrize("rate,subtype", [(8000, "PCM_U8"), (22050, "PCM_16"), (44100, "PCM_24"), (48000, "FLOAT")])
 def test_other_sample_rates_are_resampled(
-    server: str, conformer: NemoModel, tmp_path: Path, rate: int, subtype: str
+    server: str, clips: list[Path], tmp_path: Path, rate: int, subtype: str
 ) -> None:
-    src = conformer.files[0]
+    src = clips[0]
     out = tmp_path / f"r{rate}.wav"
     # sox does the conversion: an independent resampler, not the service's soxr call.
     enc = ["-e", "unsigned-integer", "-b", "8"] if subtype == "PCM_U8" else []
@@ -112,21 +138,21 @@ def test_other_sample_rates_are_resampled(
     assert body["duration_s"] == pytest.approx(sf.info(str(src)).duration, abs=0.01)
 
 
-def test_flac_is_accepted(server: str, conformer: NemoModel) -> None:
+def test_flac_is_accepted(nemo_server: str, conformer: NemoModel) -> None:
     x, sr = sf.read(str(conformer.files[2]), dtype="int16")
-    r = post(server, wav_bytes(x, sr, "PCM_16", "FLAC"), "a.flac")
+    r = post(nemo_server, wav_bytes(x, sr, "PCM_16", "FLAC"), "a.flac")
     assert r.status_code == 200 and r.json()["text"] == conformer.transcripts[2]
 
 
-def test_stats_and_metrics_count_requests(server: str, conformer: NemoModel) -> None:
+def test_stats_and_metrics_count_requests(server: str, clips: list[Path]) -> None:
     def model_stats() -> dict:
-        return httpx.get(f"{server}/stats").json()["models"][conformer.name]
+        return httpx.get(f"{server}/stats").json()["models"][DEFAULT_MODEL]
 
     before = model_stats()
-    post(server, conformer.files[0].read_bytes())
+    post(server, clips[0].read_bytes())
     post(server, b"")
     stats = httpx.get(f"{server}/stats").json()
-    after = stats["models"][conformer.name]
+    after = stats["models"][DEFAULT_MODEL]
     assert after["requests"]["ok"] == before["requests"].get("ok", 0) + 1
     assert (
         after["requests"]["client_error"]["empty_file"]
@@ -139,10 +165,10 @@ def test_stats_and_metrics_count_requests(server: str, conformer: NemoModel) -> 
     assert after["mean_rtf"] > 0 and after["mean_batch_size"] >= 1
     assert after["status"] == "ready" and after["providers"] == ["CPUExecutionProvider"]
     assert after["queue"]["depth"] == 0 and after["queue"]["capacity"] == 64
-    assert stats["default_model"] == conformer.name and stats["uptime_s"] > 0
+    assert stats["default_model"] == DEFAULT_MODEL and stats["uptime_s"] > 0
     assert 50 < stats["rss_mb"] <= stats["peak_rss_mb"] < 4096
     metrics = httpx.get(f"{server}/metrics").text
-    m = conformer.name
+    m = DEFAULT_MODEL
     assert f'asr_requests_total{{code="empty_file",model="{m}",outcome="client_error"}} ' in metrics
     assert f'asr_requests_total{{code="",model="{m}",outcome="ok"}} ' in metrics
     for name in (
@@ -157,9 +183,9 @@ def test_stats_and_metrics_count_requests(server: str, conformer: NemoModel) -> 
     assert "process_resident_memory_bytes " in metrics
 
 
-def test_health_answers_while_a_long_file_decodes(server: str, conformer: NemoModel) -> None:
+def test_health_answers_while_a_long_file_decodes(server: str, clips: list[Path]) -> None:
     """The event loop stays free: /health is answered while a long transcription is running."""
-    x, sr = sf.read(str(conformer.files[3]), dtype="float32")
+    x, sr = sf.read(str(clips[3]), dtype="float32")
     long = np.tile(x, int(55 * sr / x.size))  # ~55 s, under the server's 60 s limit
     data = wav_bytes(long, sr, "PCM_16")
     done = threading.Event()
@@ -204,14 +230,14 @@ def test_not_audio(server: str) -> None:
     assert_error(post(server, Path(__file__).read_bytes(), "x.wav"), 415, "unsupported_format")
 
 
-def test_truncated_wav(server: str, conformer: NemoModel) -> None:
-    data = conformer.files[0].read_bytes()
+def test_truncated_wav(server: str, clips: list[Path]) -> None:
+    data = clips[0].read_bytes()
     assert_error(post(server, data[: len(data) // 2]), 400, "truncated_audio")
     assert_error(post(server, data[:30]), 400, "truncated_audio")
 
 
-def test_corrupt_header(server: str, conformer: NemoModel) -> None:
-    data = bytearray(conformer.files[0].read_bytes())
+def test_corrupt_header(server: str, clips: list[Path]) -> None:
+    data = bytearray(clips[0].read_bytes())
     data[20:36] = b"\xff" * 16  # garbage fmt chunk: format tag, channels, rate...
     r = post(server, bytes(data))
     assert r.status_code in (400, 415), r.text
@@ -265,8 +291,8 @@ def test_unusual_but_valid_wavs(server: str, rate: int, channels: int, subtype: 
     assert r.json()["duration_s"] == pytest.approx(n / rate, abs=0.05)
 
 
-def test_unknown_model(server: str, conformer: NemoModel) -> None:
-    assert_error(post(server, conformer.files[0].read_bytes(), model="nope"), 404, "model_not_found")
+def test_unknown_model(server: str, clips: list[Path]) -> None:
+    assert_error(post(server, clips[0].read_bytes(), model="nope"), 404, "model_not_found")
 
 
 def test_wrong_method_and_path(server: str) -> None:
@@ -283,35 +309,35 @@ def test_malformed_multipart(server: str) -> None:
     assert 400 <= r.status_code < 500 and r.json()["error"]["message"]
 
 
-def test_too_large_upload(conformer: NemoModel) -> None:
-    with running_server(model_env(conformer, ASR_MAX_UPLOAD_MB="0.05")) as url:
+def test_too_large_upload(clips: list[Path]) -> None:
+    with running_server(default_env(ASR_MAX_UPLOAD_MB="0.05")) as url:
         big = np.zeros(16000 * 5, dtype=np.int16)  # 160 kB > 50 kB
         assert_error(post(url, wav_bytes(big, 16000, "PCM_16")), 413, "file_too_large")
         # Still serving after refusing.
         assert post(url, wav_bytes(np.zeros(8000, dtype=np.int16), 16000, "PCM_16")).status_code == 200
 
 
-def test_broken_model_reports_503_with_reason(conformer: NemoModel, tmp_path: Path) -> None:
+def test_broken_model_reports_503_with_reason(clips: list[Path], tmp_path: Path) -> None:
     models = tmp_path / "models"
-    shutil.copytree(conformer.model_dir, models)
-    onnx = models / conformer.name / "model.onnx"
+    shutil.copytree(Settings().model_dir, models)
+    onnx = models / DEFAULT_MODEL / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:1000])  # cut: checksum no longer matches
-    with running_server(model_env(conformer, ASR_MODEL_DIR=str(models))) as url:
+    with running_server(default_env(ASR_MODEL_DIR=str(models))) as url:
         h = httpx.get(f"{url}/health")
         assert h.status_code == 503 and h.json()["status"] == "failed"
         assert "checksum" in h.json()["reason"]
-        assert_error(post(url, conformer.files[0].read_bytes()), 503, "model_unavailable")
+        assert_error(post(url, clips[0].read_bytes()), 503, "model_unavailable")
 
 
-def test_missing_model_reports_503(conformer: NemoModel, tmp_path: Path) -> None:
-    with running_server(model_env(conformer, ASR_DEFAULT_MODEL="absent")) as url:
+def test_missing_model_reports_503(clips: list[Path], tmp_path: Path) -> None:
+    with running_server(default_env(ASR_DEFAULT_MODEL="absent")) as url:
         h = httpx.get(f"{url}/health")
         assert h.status_code == 503 and "absent" in h.json()["reason"]
 
 
-def test_riff_size_unknown_is_accepted(server: str, conformer: NemoModel) -> None:
+def test_riff_size_unknown_is_accepted(server: str, clips: list[Path]) -> None:
     """Streaming writers leave the data size as 0xFFFFFFFF: not truncation."""
-    data = bytearray(conformer.files[0].read_bytes())
+    data = bytearray(clips[0].read_bytes())
     pos = data.find(b"data")
     data[pos + 4 : pos + 8] = struct.pack("<I", 0xFFFFFFFF)
     r = post(server, bytes(data))
@@ -326,12 +352,12 @@ def test_silence_and_dc_give_a_defined_result(server: str) -> None:
         assert isinstance(r.json()["text"], str) and r.json()["rtf"] >= 0
 
 
-def test_liveness_readiness_and_request_ids(server: str, conformer: NemoModel) -> None:
+def test_liveness_readiness_and_request_ids(server: str, clips: list[Path]) -> None:
     assert httpx.get(f"{server}/health/live").json() == {"status": "alive"}
     assert httpx.get(f"{server}/health/ready").status_code == 200
     r = httpx.post(
         f"{server}/transcribe",
-        files={"file": ("a.wav", conformer.files[0].read_bytes())},
+        files={"file": ("a.wav", clips[0].read_bytes())},
         headers={"X-Request-ID": "client-chosen-42"},
     )
     assert r.headers["X-Request-ID"] == "client-chosen-42"
@@ -339,15 +365,15 @@ def test_liveness_readiness_and_request_ids(server: str, conformer: NemoModel) -
     assert len(generated) == 32 and generated != "client-chosen-42"
 
 
-def test_one_json_log_line_per_request(conformer: NemoModel) -> None:
+def test_one_json_log_line_per_request(clips: list[Path]) -> None:
     import json
 
     logs: list[str] = []
-    env = model_env(conformer, ASR_LOG_FORMAT="json", ASR_LOG_LEVEL="info")
+    env = default_env(ASR_LOG_FORMAT="json", ASR_LOG_LEVEL="info")
     with running_server(env, output=logs) as url:
         httpx.post(
             f"{url}/transcribe",
-            files={"file": ("a.wav", conformer.files[0].read_bytes())},
+            files={"file": ("a.wav", clips[0].read_bytes())},
             headers={"X-Request-ID": "rid-1"},
         )
         httpx.post(f"{url}/transcribe", files={"file": ("a.wav", b"")}, headers={"X-Request-ID": "rid-2"})

@@ -27,8 +27,8 @@ from service.audio import read_audio
 from service.config import Settings
 from service.models import ModelPackage, Recognizer
 from service.registry import default_model_name
+from testkit.server import running_server
 from tests.conftest import ROOT, require_export_python, synthesize
-from tests.server import running_server
 from training.evaluate import evaluate, word_errors_by_frequency
 
 SENTENCES = [s for s in (ROOT / "tests" / "data" / "heldout_sentences.txt").read_text().split("\n") if s]
@@ -54,6 +54,7 @@ def test_default_package_within_its_size_budget() -> None:
     assert sum(f.stat().st_size for f in files) <= 30_000_000, {f.name: f.stat().st_size for f in files}
 
 
+@pytest.mark.nemo
 def test_default_package_rebuilds_the_nemo_model_it_serves() -> None:
     """The next training run starts from the package itself: its NeMo model is the served one.
 
@@ -67,7 +68,7 @@ def test_default_package_rebuilds_the_nemo_model_it_serves() -> None:
     py = require_export_python()
     pkg = SETTINGS.model_dir / DEFAULT
     out = subprocess.run(
-        [py, "tests/nemo_side/rebuild_from_package.py", str(pkg), str(SETTINGS.tokens_dir)],
+        [py, "-m", "tests.nemo_side.rebuild_from_package", str(pkg), str(SETTINGS.tokens_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -13,6 +13,8 @@ import pytest
 from service.decoding import read_token_map
 from tests.conftest import ROOT, NemoModel, require_export_python, run_nemo_cached
 
+pytestmark = pytest.mark.nemo  # every test here runs export_to_onnx.py or NeMo
+
 
 def export(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     py = require_export_python()
@@ -145,7 +147,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-sys.path.insert(0, ".")
 from export_to_onnx import store_fp16_where_lossless
 
 rng = np.random.default_rng(0)
@@ -205,7 +206,7 @@ def test_fp16_rounded_model_exports_at_half_the_weight(conformer: NemoModel) -> 
         "fp16-rounded",
         [conformer.nemo_path],
         [
-            ["tests/nemo_side/round_fp16.py", str(conformer.nemo_path), "{work}/rounded.nemo"],
+            ["-m", "tests.nemo_side.round_fp16", str(conformer.nemo_path), "{work}/rounded.nemo"],
             [
                 "export_to_onnx.py",
                 "{work}/rounded.nemo",

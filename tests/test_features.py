@@ -42,7 +42,7 @@ def nemo_features(speech_dir: Path) -> tuple[list[dict[str, object]], dict[str, 
         "features",
         [*files, configs],
         [
-            ["tests/nemo_side/features_ref.py", "--configs", str(configs), "--out", "{work}/feats.npz"]
+            ["-m", "tests.nemo_side.features_ref", "--configs", str(configs), "--out", "{work}/feats.npz"]
             + [str(f) for f in files]
         ],
     )

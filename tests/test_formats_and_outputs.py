@@ -19,8 +19,8 @@ import soxr
 
 from service.decoding import SEGMENT_MAX_S, Word, segment_words
 from service.formats import srt
+from testkit.server import running_server
 from tests.conftest import NemoModel
-from tests.server import running_server
 from tests.test_api import assert_error, model_env, post
 
 

@@ -25,8 +25,8 @@ import soundfile as sf
 
 from service.longform import ChunkPlan, windows
 from service.models import ModelPackage, Recognizer
+from testkit.server import running_server
 from tests.conftest import NemoModel, build_nemo_model, speech_files
-from tests.server import running_server
 from tests.test_api import model_env
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testkit.server import running_server
 from tests.conftest import NemoModel, build_nemo_model, speech_files
-from tests.server import running_server
 from tests.test_api import assert_error, post
 
 

@@ -25,8 +25,8 @@ import pytest
 from service.config import Settings
 from service.models import ModelPackage, Recognizer
 from service.scheduler import Scheduler
+from testkit.server import running_server
 from tests.conftest import NemoModel
-from tests.server import running_server
 from tests.test_api import assert_error, model_env, post
 
 KEY = "test-key-1"

@@ -193,6 +193,7 @@ except ValueError:
 """
 
 
+@pytest.mark.nemo
 def test_average_weights_is_the_mean_of_the_checkpoints() -> None:
     import subprocess
 
@@ -229,6 +230,7 @@ print("ok")
 """
 
 
+@pytest.mark.nemo
 def test_round_to_fp16_rounds_parameters_only() -> None:
     import subprocess
 

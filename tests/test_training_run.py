@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from tests.conftest import ROOT, SENTENCES, require_export_python, synthesize
@@ -57,6 +58,8 @@ bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
 assert not bad, bad
 print("same", len(a))
 """
+
+pytestmark = pytest.mark.nemo  # every test here runs export_to_onnx.py or NeMo
 
 
 def _corpus(root: Path) -> Path:
@@ -147,7 +150,7 @@ def test_a_run_trains_averages_and_saves_then_save_only_redoes_it(tmp_path: Path
     # the exported one: as close to the graph as at export (max_abs_diff_vs_nemo).
     shutil.copy(run / "config.yaml", pkg / "training_config.yaml")
     rebuilt = subprocess.run(
-        [py, "tests/nemo_side/rebuild_from_package.py", str(pkg), str(pkg_root / "tokens")],
+        [py, "-m", "tests.nemo_side.rebuild_from_package", str(pkg), str(pkg_root / "tokens")],
         cwd=ROOT,
         capture_output=True,
         text=True,

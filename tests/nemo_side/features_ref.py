@@ -5,7 +5,7 @@ module in eval mode, featurizes each audio file, and records what export_to_onnx
 feature_params() reads from it. The runtime test then builds its FeatureExtractor from those
 parameters and compares features. Runs in the export venv.
 
-Usage: python tests/nemo_side/features_ref.py --configs CONFIGS.json --out OUT.npz FILE.wav ...
+Usage: python -m tests.nemo_side.features_ref --configs CONFIGS.json --out OUT.npz FILE.wav ...
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Rebuild a package's NeMo model from the package alone and compare it with the package's graph.
 
-Usage: python tests/nemo_side/rebuild_from_package.py PKG_DIR TOKENS_DIR  (runs in the export venv)
+Usage: python -m tests.nemo_side.rebuild_from_package PKG_DIR TOKENS_DIR  (runs in the export venv)
 
 The model comes from training.train.nemo_model_from_package, the way train.py --init-from starts
 from a package; NeMo's forward is compared with model.onnx by export_to_onnx.verify (the export's
@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from export_to_onnx import ctc_parts, subsampling_params, verify
 from training.train import nemo_model_from_package

@@ -1,14 +1,11 @@
 """Round a .nemo model's parameters to float16 values, as training/train.py does before it saves.
 
-Usage: python tests/nemo_side/round_fp16.py IN.nemo OUT.nemo  (runs in the export venv)
+Usage: python -m tests.nemo_side.round_fp16 IN.nemo OUT.nemo  (runs in the export venv)
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nemo.collections.asr.models import ASRModel
 

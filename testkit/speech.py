@@ -1,0 +1,50 @@
+"""Offline speech for tests and benchmarks: espeak-ng voices, converted with sox."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+# Sentences spoken by espeak-ng for the parity clips (the model is random: any speech will do,
+# but real speech gives realistic spectra and lengths).
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "a speech recognition service turns audio into text",
+    "please call stella and ask her to bring these things with her from the store",
+    "six spoons of fresh snow peas five thick slabs of blue cheese",
+    "we also need a small plastic snake and a big toy frog for the kids",
+    "it was the best of times it was the worst of times",
+    "hello world",
+    "numbers one two three four five six seven eight nine ten",
+    "the rain in spain stays mainly in the plain",
+    "how much wood would a woodchuck chuck",
+    "to be or not to be that is the question",
+    "peter piper picked a peck of pickled peppers",
+    "every good boy does fine",
+    "yes",
+    "the weather today is sunny with a chance of rain in the evening",
+]
+VOICES = ["en", "en-us", "en-gb-x-rp", "en+f3", "en-us+m2", "en-gb-scotland", "en+f5", "en-us+klatt"]
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def synthesize(text: str, voice: str, speed: int, out: Path, rate: int = 16000) -> Path:
+    """Speak ``text`` with espeak-ng, then convert with sox to ``rate`` Hz mono 16-bit WAV.
+
+    sox -D: no dither, so the clips are byte-identical from run to run and the NeMo cache hits.
+    """
+    raw = out.with_suffix(".espeak.wav")
+    _run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text])
+    _run(["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)])
+    raw.unlink()
+    return out
