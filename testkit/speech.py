@@ -48,3 +48,23 @@ def synthesize(text: str, voice: str, speed: int, out: Path, rate: int = 16000) 
     _run(["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)])
     raw.unlink()
     return out
+
+
+# Sentences of the default model's test split (never trained on), and voices for them that are
+# accents and variants of the training voices: the shipped model's held-out check.
+HELDOUT_SENTENCES = [
+    s
+    for s in (Path(__file__).resolve().parent.parent / "tests" / "data" / "heldout_sentences.txt")
+    .read_text()
+    .split("\n")
+    if s
+]
+HELDOUT_VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-029", "en-us+f3", "en-gb-scotland+m3"]
+
+
+def synthesize_heldout(d: Path) -> list[Path]:
+    """The held-out sentences spoken by espeak-ng, one 16 kHz WAV each, in order."""
+    return [
+        synthesize(t, HELDOUT_VOICES[i % len(HELDOUT_VOICES)], 150 + 10 * (i % 4), d / f"h{i}.wav")
+        for i, t in enumerate(HELDOUT_SENTENCES)
+    ]

@@ -385,3 +385,18 @@ def test_one_json_log_line_per_request(clips: list[Path]) -> None:
     # Healthy probes log at debug. The 503s that running_server's readiness polling may get
     # while the model loads are logged at info on purpose (an operator wants to see those).
     assert not any(d.get("path") == "/health" and d["status"] == 200 for d in reqs.values())
+
+
+def test_openai_client_takes_default_and_every_listed_model(server: str, clips: list[Path]) -> None:
+    """A new user's first guess (model="default") works, as do the ids /v1/models lists."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    ids = [m.id for m in client.models.list()]
+    assert DEFAULT_MODEL in ids and client.models.retrieve("default").id == DEFAULT_MODEL
+    native = post(server, clips[7].read_bytes()).json()["text"]
+    for model in ["default", "whisper-1", *ids]:
+        with clips[7].open("rb") as f:
+            assert client.audio.transcriptions.create(model=model, file=f).text == native, model
+    with pytest.raises(openai.NotFoundError), clips[7].open("rb") as f:
+        client.audio.transcriptions.create(model="no-such-model", file=f)

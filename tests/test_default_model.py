@@ -28,11 +28,12 @@ from service.config import Settings
 from service.models import ModelPackage, Recognizer
 from service.registry import default_model_name
 from testkit.server import running_server
-from tests.conftest import ROOT, require_export_python, synthesize
+from testkit.speech import HELDOUT_SENTENCES, HELDOUT_VOICES, synthesize_heldout
+from tests.conftest import ROOT, require_export_python
 from training.evaluate import evaluate, word_errors_by_frequency
 
-SENTENCES = [s for s in (ROOT / "tests" / "data" / "heldout_sentences.txt").read_text().split("\n") if s]
-VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-029", "en-us+f3", "en-gb-scotland+m3"]
+SENTENCES = HELDOUT_SENTENCES
+VOICES = HELDOUT_VOICES
 # Measured 11.4 % on this set (cpu-24 and cpu-23; cpu-22: 12.7 %, cpu-21: 11.8 %, cpu-20: 11.4 %;
 # see models/en_synth_conformer_ctc/README.md).
 # Random weights: >= 100 %.
@@ -81,10 +82,7 @@ def test_default_package_rebuilds_the_nemo_model_it_serves() -> None:
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    d = tmp_path_factory.mktemp("heldout")
-    return [
-        synthesize(t, VOICES[i % len(VOICES)], 150 + 10 * (i % 4), d / f"h{i}.wav") for i, t in enumerate(SENTENCES)
-    ]
+    return synthesize_heldout(tmp_path_factory.mktemp("heldout"))
 
 
 @pytest.fixture(scope="module")

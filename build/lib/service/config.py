@@ -1,0 +1,134 @@
+"""Settings: one typed object, read from ASR_* environment variables (and CLI overrides)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bundled(folder: str) -> Path:
+    """``models``/``tokens`` of the checkout this code runs from; installed with pip, the working directory's."""
+    here = ROOT / folder
+    return here if here.is_dir() else Path.cwd() / folder
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: affinity mask, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` reports the host's cores even inside ``docker run --cpus 2``; sizing
+    ONNX Runtime's thread pool by it oversubscribes a throttled container.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; environment variable = ``ASR_`` + upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="ASR_", extra="ignore")
+
+    model_dir: Path = Field(
+        default_factory=lambda: _bundled("models"), description="Directory holding models/<name>/ packages"
+    )
+    tokens_dir: Path = Field(
+        default_factory=lambda: _bundled("tokens"), description="Directory holding tokens/<name>.txt maps"
+    )
+    default_model: str = Field(
+        "", description="Package served by default; empty: the only package, or the first by name"
+    )
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated packages loaded at start besides the default ('*': all); others load on first use",
+    )
+    models_memory_mb: float = Field(
+        4096.0,
+        ge=0,
+        description="Memory for loaded models; past it the least recently used idle ones unload (0 = no limit)",
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="Execution provider: cpu, cuda (needs onnxruntime-gpu), auto (cuda if present)"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = usable CPUs")
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    max_upload_mb: float = Field(
+        500.0, gt=0, description="Largest accepted upload, in MB (spooled to disk while it arrives)"
+    )
+    max_duration_s: float = Field(
+        4 * 3600.0, gt=0, description="Longest accepted audio, in seconds (long audio runs in windows)"
+    )
+    chunk_s: float = Field(60.0, gt=0, description="Long audio: seconds of audio each window transcribes")
+    chunk_context_s: float = Field(
+        10.0, ge=0, description="Long audio: seconds of context the encoder sees on each side of a window"
+    )
+    max_batch_files: int = Field(32, ge=1, description="Most files in one /transcribe/batch request")
+    min_duration_s: float = Field(0.1, ge=0, description="Shortest accepted audio, in seconds")
+    # Measured on 2 CPU cores (bench/load.py, medium Conformer): batches of up to 8 gave 40 audio s/s
+    # against 60 one at a time, and doubled RSS. Hence 1 by default; raise it on GPU hosts.
+    max_batch_size: int = Field(
+        1, ge=1, description="Most requests run together in one padded batch (1 = no batching: best on CPU)"
+    )
+    max_queue_delay_ms: float = Field(
+        10.0, ge=0, description="Longest a request waits for company before its batch starts anyway"
+    )
+    queue_size: int = Field(
+        64, ge=1, description="Requests admitted at once, server-wide (uploading, queued or computing); beyond: 503"
+    )
+    inference_workers: int = Field(
+        1, ge=1, description="Batches computed at once; ONNX Runtime's intra-op threads are split among them"
+    )
+    request_timeout_s: float = Field(
+        60.0, ge=0, description="Longest a request may wait for compute (0 = no limit); X-Request-Timeout overrides"
+    )
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated keys; when set, requests need Authorization: Bearer KEY"
+    )
+    api_keys_file: Path | None = Field(None, description="File with one API key per line (joins ASR_API_KEYS)")
+    auth_all_endpoints: bool = Field(
+        False, description="Also require the key for /health* and /metrics (open by default, for probes)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS ('*' for any); empty: CORS off"
+    )
+    host: str = Field("0.0.0.0", description="Interface to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: plain")
+
+    @field_validator("api_keys", "cors_origins", "preload_models", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    def all_api_keys(self) -> list[str]:
+        """ASR_API_KEYS plus the lines of ASR_API_KEYS_FILE (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                if (k := line.strip()) and not k.startswith("#"):
+                    keys.append(k)
+        return keys
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+    def resolved_intra_op_threads(self) -> int:
+        """Per inference worker: the usable CPUs shared among the workers, unless set explicitly."""
+        return self.intra_op_threads or max(1, available_cpus() // self.inference_workers)

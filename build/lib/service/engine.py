@@ -1,0 +1,73 @@
+"""ONNX Runtime: one inference session per model, execution provider choice, thread settings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda", "auto"]
+
+
+def choose_providers(device: Device) -> list[str]:
+    """Execution providers for ``device``; falls back to CPU with a warning when CUDA is missing."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        # onnxruntime-gpu[cuda,cudnn] ships CUDA/cuDNN as pip packages; load them before the session.
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception as e:  # missing pip CUDA libs: the system's may still serve
+                log.debug("onnxruntime.preload_dlls failed: %s", e)
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning(
+            "ASR_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider (install "
+            "onnxruntime-gpu on a CUDA host); falling back to CPU"
+        )
+    return ["CPUExecutionProvider"]
+
+
+class Engine:
+    """Runs the exported graph: features [B, n_mels, T] + lengths [B] -> log-probs [B, T', V+1].
+
+    An ``ort.InferenceSession`` may be called from several threads; the service still keeps
+    concurrent runs to what the cores can serve (see the executor in ``service.app``).
+    """
+
+    def __init__(
+        self, onnx_path: Path | str, device: Device = "cpu", intra_op_threads: int = 1, inter_op_threads: int = 1
+    ):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        requested = choose_providers(device)
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=requested)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != {"audio_signal", "length"}:
+            raise ValueError(f"{onnx_path}: expected inputs audio_signal and length, found {sorted(inputs)}")
+        self._length_dtype = np.int32 if inputs["length"].type == "tensor(int32)" else np.int64
+        self.output_name = self.session.get_outputs()[0].name
+        self.providers: list[str] = self.session.get_providers()
+        if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in self.providers:
+            log.warning("CUDAExecutionProvider could not start (CUDA/cuDNN libraries?); running on CPU")
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+
+    def run(self, features: npt.NDArray[np.float32], lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        out = self.session.run(
+            [self.output_name],
+            {"audio_signal": features.astype(np.float32, copy=False), "length": lengths.astype(self._length_dtype)},
+        )[0]
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,200 @@
+"""Raw ASGI middleware: what must act before a request body is read, and the request log.
+
+Outermost first (``service.app`` adds them): CORS -> ``RequestLog`` -> ``ApiKeys`` ->
+``Admission`` -> ``BodyLimit`` -> the routers. Raw ASGI rather than ``BaseHTTPMiddleware`` so
+a refusal (no key, a full server, an oversized body) is answered without the body being read,
+and streaming bodies pass through untouched. Routes leave fields for the log line in
+``request.state.log_fields`` (the ASGI scope's ``state``), which ``RequestLog`` reads at the end.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ClientError, ServiceError, ServiceUnavailable
+from service.http import error_response
+from service.registry import AdmissionGate
+
+access_log = logging.getLogger("service.access")
+MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapes: no API key unless ASR_AUTH_ALL_ENDPOINTS
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")  # never secret
+TRANSCRIBE_PATHS = ("/transcribe", "/transcribe/batch", "/v1/audio/transcriptions")
+
+
+def set_log_fields(scope: Scope, **fields: Any) -> None:
+    scope.setdefault("state", {})["log_fields"] = fields
+
+
+async def refuse(err: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer ``err`` from a middleware, before the app (and the body) is reached."""
+    set_log_fields(scope, error_code=err.code)
+    await error_response(err)(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse a request body past ``limit`` bytes with 413 while it streams in.
+
+    A declared Content-Length over the limit is refused before any byte is read; a chunked body
+    is counted as it arrives and cut off at the limit, so a 2 GB upload is never read (or spooled
+    to disk) whole.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, on_reject: Callable[[], None]):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen, over, sent = 0, False, False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise BodyTooLarge
+            return msg
+
+        async def guarded_send(msg: Message) -> None:
+            nonlocal sent
+            if over:
+                return  # the app's answer to a cut-off body is replaced by the 413 below
+            sent = True
+            await send(msg)
+
+        with suppress(BodyTooLarge):  # usually the app turns it into an answer guarded_send drops
+            await self.app(scope, counting_receive, guarded_send)
+        if over and not sent:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.on_reject()
+        mb = (self.limit - MULTIPART_OVERHEAD) / 1e6
+        await refuse(ClientError(413, "file_too_large", f"request body exceeds the {mb:g} MB upload limit"), scope,
+                     receive, send)  # fmt: skip
+
+
+class Admission:
+    """Take a server-wide admission slot *before* the body of a transcription is read.
+
+    A full server answers 503 ``queue_full`` (with Retry-After) without reading or parsing the
+    upload, so refusals stay fast when the cores are busy. The slot is held until the answer
+    is sent.
+    """
+
+    def __init__(self, app: ASGIApp, gate: AdmissionGate, on_refuse: Callable[[], None]):
+        self.app, self.gate, self.on_refuse = app, gate, on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in TRANSCRIBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.gate.admit()
+        except ServiceUnavailable as e:
+            self.on_refuse()
+            await refuse(e, scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.release()
+
+
+class ApiKeys:
+    """With keys configured, every request but the public pages (and probes) needs ``Bearer <key>``."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], protect_probes: bool):
+        self.app, self.protect_probes = app, protect_probes
+        self.keys = [k.encode() for k in keys]
+
+    def _open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return (
+            not self.keys
+            or scope["method"] == "OPTIONS"
+            or path in PUBLIC_PATHS
+            or (path.startswith(OPEN_PATHS) and not self.protect_probes)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._open(scope):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            err = ClientError(
+                401, "missing_api_key", "this server requires an API key: send 'Authorization: Bearer <key>'",
+                "Authorization", {"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+            return await refuse(err, scope, receive, send)
+        # Compare with every key in constant time, so timing does not reveal a key's prefix.
+        if not any([hmac.compare_digest(token.strip().encode(), k) for k in self.keys]):
+            return await refuse(ClientError(403, "invalid_api_key", "the API key is not valid", "Authorization"),
+                                scope, receive, send)  # fmt: skip
+        await self.app(scope, receive, send)
+
+
+class RequestLog:
+    """Request id (X-Request-ID, echoed; generated when absent) and one log line per request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = Headers(scope=scope).get("x-request-id", "")
+        if not (0 < len(rid) <= 128 and rid.isprintable()):
+            rid = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        status = 500  # what the client gets if the app fails before answering
+
+        async def send_with_id(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                MutableHeaders(scope=msg).append("X-Request-ID", rid)
+            await send(msg)
+
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client")
+            fields = {
+                "request_id": rid,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+                "client": client[0] if client else None,
+                **state.get("log_fields", {}),
+            }
+            # Probes and scrapes arrive every few seconds: keep them out of the info log when healthy.
+            quiet = status == 200 and scope["path"].startswith(("/health", "/metrics"))
+            access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)

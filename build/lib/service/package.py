@@ -1,0 +1,187 @@
+"""``model.json``, the contract between the export and the runtime: a typed manifest.
+
+``Manifest`` is the only code that reads or writes a package's ``model.json``: the exporter
+builds one from what it read out of the NeMo model and writes it; the runtime, the registry and
+training read it back, validated, instead of indexing raw dictionaries. The format version is
+declared here once (``FORMAT_VERSION``); a package from another version is refused with a
+message that says to re-export it. Unknown keys are refused too: a newer exporter that adds a
+field bumps the version, so a typo never passes for a setting.
+
+Files of a package (``export_to_onnx.py`` writes them; ``README.md`` lists them):
+``<model_dir>/<name>/model.json``, ``model.onnx`` (``onnx.file``), ``nemo_state.npz``,
+and for the peers that load the same graph, ``config.json`` and ``vocab.txt`` (onnx-asr);
+``<tokens_dir>/<tokens_file>`` (sherpa-onnx's token map) and the SentencePiece model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.decoding import Subsampling
+from service.features import FeatureConfig
+
+FORMAT_VERSION = 1  # also the Literal of Manifest.format_version
+MANIFEST_FILE = "model.json"
+
+
+class PackageError(Exception):
+    """A model package is missing, incomplete or inconsistent (an operator's problem)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OnnxSection(_Section):
+    file: str = "model.onnx"
+    sha256: str | None = None
+    opset: int = 17
+    inputs: list[str] = Field(default_factory=lambda: ["audio_signal", "length"])
+    output: str = "logprobs"
+    max_abs_diff_vs_nemo: float | None = Field(None, description="the export's own ONNX-vs-NeMo check")
+    fp16_weights: int = Field(0, description="weights stored as float16 (exactly their values) behind a Cast")
+
+
+class EncoderSection(_Section):
+    subsampling: Subsampling
+    frame_shift_s: float = Field(description="seconds per encoder frame (feature hop x subsampling factor)")
+    max_audio_s: float | None = Field(None, description="longest input the graph takes in one piece")
+
+
+class Tokenizer(_Section):
+    type: Literal["sentencepiece", "char"] = "char"
+    file: str | None = None  # the SentencePiece model, in the tokens directory
+
+
+class Vocabulary(_Section):
+    tokens_file: str
+    size: int = Field(description="tokens without the blank; the graph outputs size + 1 classes")
+    blank_id: int
+    supported_punctuation: list[str] = Field(default_factory=list)
+    tokenizer: Tokenizer = Field(default_factory=Tokenizer)
+
+
+class NemoStateSection(_Section):
+    """Not read by the service: ``training/train.py --init-from`` rebuilds the NeMo weights from it."""
+
+    file: str
+    in_onnx: int
+    stored: int
+
+
+class Manifest(_Section):
+    """Everything the runtime needs to serve a package, as the export read it from the model."""
+
+    format_version: Literal[1] = 1  # FORMAT_VERSION
+    name: str
+    language: str | None = None
+    model_class: str
+    source: str = ""
+    nemo_version: str | None = None
+    torch_version: str | None = None
+    exported_at: str | None = None
+    parameters: int | None = None
+    onnx: OnnxSection = Field(default_factory=OnnxSection)
+    features: FeatureConfig
+    encoder: EncoderSection
+    vocabulary: Vocabulary
+    nemo_state: NemoStateSection | None = None
+
+    @classmethod
+    def read(cls, pkg_dir: Path) -> Manifest:
+        """The validated manifest of the package in ``pkg_dir``; ``PackageError`` says what is wrong."""
+        path = pkg_dir / MANIFEST_FILE
+        try:
+            raw: Any = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise PackageError(f"{path}: unreadable: {e}") from e
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if version != FORMAT_VERSION:
+            raise PackageError(
+                f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}); "
+                "re-export with this version's export_to_onnx.py"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise PackageError(f"{path}: {where}: {first['msg']} ({e.error_count()} problem(s))") from e
+
+    def write(self, pkg_dir: Path) -> Path:
+        path = pkg_dir / MANIFEST_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @property
+    def is_sentencepiece(self) -> bool:
+        return self.vocabulary.tokenizer.type == "sentencepiece"
+
+    def summary(self) -> dict[str, Any]:
+        """What ``/stats`` shows of a loaded model."""
+        return {
+            "name": self.name,
+            "language": self.language,
+            "model_class": self.model_class,
+            "parameters": self.parameters,
+            "sample_rate": self.features.sample_rate,
+            "vocab_size": self.vocabulary.size,
+            "subsampling_factor": self.encoder.subsampling.factor,
+            "frame_shift_s": self.encoder.frame_shift_s,
+            "max_audio_s": self.encoder.max_audio_s,
+            "nemo_version": self.nemo_version,
+            "onnx_sha256": self.onnx.sha256,
+        }
+
+
+def list_packages(model_dir: Path) -> list[str]:
+    """Names of the packages in ``model_dir`` (directories holding a model.json)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(p.name for p in model_dir.iterdir() if (p / MANIFEST_FILE).is_file())
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (model.json records it for model.onnx)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+ONNX_ASR_CONFIG = "config.json"
+ONNX_ASR_VOCAB = "vocab.txt"
+
+
+def peer_files(manifest: Manifest, tokens_dir: Path) -> dict[str, bytes]:
+    """Files that let the peers load the package folder as it is, next to ``model.onnx``.
+
+    onnx-asr (``onnx_asr.load_model(None, path)``) reads ``config.json``: without it, it takes a
+    NeMo CTC model for an 8x-subsampling one and cuts every transcript of a 4x model at about
+    half. Its token map is ``vocab.txt``, the same lines as ours. sherpa-onnx reads the graph's
+    ONNX metadata and the token map in ``tokens/``.
+    """
+    config = {
+        "model_type": "nemo-conformer-ctc",
+        "features_size": manifest.features.n_mels,
+        "subsampling_factor": manifest.encoder.subsampling.factor,
+    }
+    return {
+        ONNX_ASR_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+        ONNX_ASR_VOCAB: (tokens_dir / manifest.vocabulary.tokens_file).read_bytes(),
+    }
+
+
+def write_peer_files(pkg_dir: Path, tokens_dir: Path) -> list[Path]:
+    """Write ``peer_files`` into ``pkg_dir`` (the exporter does; so can an operator, for an older package)."""
+    out = []
+    for name, data in peer_files(Manifest.read(pkg_dir), tokens_dir).items():
+        (pkg_dir / name).write_bytes(data)
+        out.append(pkg_dir / name)
+    return out

@@ -1,0 +1,93 @@
+"""The shared objects a route needs, as FastAPI dependencies.
+
+``service.app.create_app`` builds them once and keeps them on ``app.state.service``; routes
+declare what they use (``SettingsDep``, ``RegistryDep``, ...) instead of closing over globals,
+so each router can be mounted on its own and each object swapped in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Form, Request, UploadFile
+
+from service.audio import RawFormat
+from service.config import Settings
+from service.http import request_timeout_s
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.registry import ModelRegistry
+
+
+@dataclass
+class ServiceState:
+    """What one app serves with: built by ``create_app``, read by the dependencies below."""
+
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry
+    pipeline: Pipeline
+    draining: bool = False  # set on SIGTERM (service.__main__): readiness goes 503
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    return get_state(request).settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return get_state(request).metrics
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return get_state(request).registry
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    return get_state(request).pipeline
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+
+
+def get_timeout_s(request: Request, settings: SettingsDep) -> float:
+    """The request's queue deadline: X-Request-Timeout, else ``ASR_REQUEST_TIMEOUT_S``."""
+    return request_timeout_s(request, settings.request_timeout_s)
+
+
+TimeoutDep = Annotated[float, Depends(get_timeout_s)]
+
+RAW_RATE_DOC = "Raw PCM only: sample rate in Hz (makes a headerless file readable)"
+RAW_ENC_DOC = "Raw PCM only: s16le (default), s16be, s24le, s32le, f32le, f64le, u8, s8, mulaw, alaw"
+RAW_CH_DOC = "Raw PCM only: interleaved channels (default 1)"
+
+
+@dataclass(frozen=True)
+class RawPcm:
+    """The raw-PCM form fields of a request, validated once for all its files."""
+
+    declared: RawFormat | None
+
+    def for_upload(self, upload: UploadFile) -> RawFormat | None:
+        """The fields if given, else a part's ``Content-Type: audio/L16;rate=...``, else none (a real file)."""
+        return self.declared or RawFormat.from_content_type(upload.content_type)
+
+
+def raw_pcm(
+    sample_rate: Annotated[int | None, Form(description=RAW_RATE_DOC)] = None,
+    encoding: Annotated[str | None, Form(description=RAW_ENC_DOC)] = None,
+    channels: Annotated[int | None, Form(description=RAW_CH_DOC)] = None,
+) -> RawPcm:
+    return RawPcm(RawFormat.parse(sample_rate, encoding, channels))
+
+
+RawPcmDep = Annotated[RawPcm, Depends(raw_pcm)]

@@ -1,0 +1,116 @@
+"""The app's wiring: routers reach shared objects through dependencies (so a test can swap one),
+one error rendering for the handler and the batch route, and model loads that never wait for
+the inference threads. Runs on the committed default model (no NeMo)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.errors import ClientError, DeadlineExceeded, ServiceError, ServiceUnavailable, error_body
+from service.metrics import Metrics
+from service.registry import ModelRegistry, default_model_name
+from service.routes.deps import get_pipeline
+
+DEFAULT = default_model_name(Settings())
+
+
+class Refusing:
+    """Stands in for the pipeline: every transcription ends in ``err`` (the errors are the real ones)."""
+
+    def __init__(self, err: ServiceError):
+        self.err = err
+
+    async def transcribe(self, *args: Any, **kw: Any) -> Any:
+        raise self.err
+
+
+ERRORS = [
+    ClientError(413, "audio_too_long", "audio is 312.0 s long; the limit is 300 s"),
+    ClientError(400, "corrupt_audio", "the FLAC header cannot be decoded"),
+    DeadlineExceeded(1.5),
+    ServiceUnavailable("model_loading", "model 'x' is loading; retry shortly", 2),
+]
+
+
+@pytest.fixture
+def app() -> FastAPI:
+    return create_app(Settings())  # one per test: an app's thread pools end with its lifespan
+
+
+@pytest.mark.parametrize("err", ERRORS, ids=lambda e: e.code)
+def test_each_error_has_one_body_in_the_route_and_in_the_batch(app: FastAPI, err: ServiceError) -> None:
+    app.dependency_overrides[get_pipeline] = lambda: Refusing(err)
+    try:
+        with TestClient(app) as client:
+            one = client.post("/transcribe", files={"file": ("a.wav", b"RIFF")})
+            assert one.status_code == err.status and one.json() == error_body(err)
+            assert one.headers.get("retry-after") == (err.headers or {}).get("Retry-After")
+            batch = client.post("/transcribe/batch", files=[("files", ("a.wav", b"RIFF")), ("files", ("b", b"x"))])
+            if err.status == 503:  # the server cannot serve the batch at all: one answer, as for one file
+                assert batch.status_code == 503 and batch.json() == error_body(err)
+                return
+            assert batch.status_code == 200
+            for item in batch.json()["results"]:  # each file's error is the one the route gives
+                assert item["status"] == err.status and {"error": item["error"]} == error_body(err)
+            stats = client.get("/stats").json()["models"][DEFAULT]["requests"]
+            assert sum(stats[k].get(err.code, 0) for k in stats if isinstance(stats[k], dict)) == 3
+    finally:
+        app.dependency_overrides.clear()
+
+
+def test_routers_import_on_their_own() -> None:
+    """A surface is a router of its own: mounted alone, it serves (here: the operations router)."""
+    from service.pipeline import Pipeline
+    from service.routes import ops
+    from service.routes.deps import ServiceState
+
+    settings = Settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics, ThreadPoolExecutor(1))
+    lone = FastAPI()
+    lone.state.service = ServiceState(settings, metrics, registry, Pipeline(settings, registry, metrics))
+    lone.include_router(ops.router)
+    with TestClient(lone) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["models"][DEFAULT]["status"] == "unloaded"
+        assert client.get("/health/live").json() == {"status": "alive"}
+        assert client.post("/transcribe").status_code == 404  # not mounted
+
+
+def test_a_model_loads_while_the_inference_threads_are_busy(tmp_path: Path) -> None:
+    """Loading model B never waits behind model A's inference (loads run on their own thread)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / DEFAULT).symlink_to(Settings().model_dir / DEFAULT)
+    (models / "second").symlink_to(Settings().model_dir / DEFAULT)
+    settings = Settings(model_dir=models, default_model=DEFAULT, inference_workers=1)
+    infer_pool = ThreadPoolExecutor(max_workers=1)
+    registry = ModelRegistry(settings, Metrics(), infer_pool)
+    release = threading.Event()
+    busy = infer_pool.submit(release.wait, 120)  # the only inference thread runs a long batch
+
+    async def load_second() -> float:
+        t0 = time.monotonic()
+        await asyncio.wait_for(registry.load(registry.entries["second"]), timeout=60)
+        waited = time.monotonic() - t0
+        await registry.stop()
+        return waited
+
+    try:
+        asyncio.run(load_second())
+        assert registry.entries["second"].status == "ready", registry.entries["second"].reason
+        assert not busy.done()  # it loaded (and warmed up) while the inference thread was still taken
+    finally:
+        release.set()
+        infer_pool.shutdown()

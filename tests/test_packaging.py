@@ -1,0 +1,40 @@
+"""``pip install .`` gives an importable service and its console command, without the checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from testkit.nemo import ROOT
+
+
+def test_wheel_installs_an_importable_service_and_its_command(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("nemo_ctc_asr-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        requires = next(z.read(n).decode() for n in names if n.endswith("METADATA"))
+    assert {"service/app.py", "service/routes/native.py", "service/package.py"} <= names
+    assert not any(n.startswith(("tests/", "bench/", "training/", "models/")) for n in names)
+    assert "nemo-ctc-asr = service.__main__:main" in entry_points
+    deps = [line.split(":", 1)[1].strip() for line in requires.splitlines() if line.startswith("Requires-Dist:")]
+    assert any(d.startswith("onnxruntime") for d in deps) and not any(d.startswith(("torch", "nemo")) for d in deps)
+    # Installed apart from the checkout (dependencies from this environment), run from elsewhere.
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = "import service.app, service.routes.openai, sys; print(service.app.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith(str(site)), out.stderr
+    help_ = subprocess.run([str(site / "bin" / "nemo-ctc-asr"), "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert help_.returncode == 0 and "ASR_" in help_.stdout, help_.stderr
