@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import regex
 from pydantic import BaseModel, ConfigDict
 
 # Token-map spelling of SentencePiece's word boundary, and of a literal space in character
@@ -249,7 +250,17 @@ class Segment:
 # the model spells, after a pause, or when the current one reaches caption length limits.
 SEGMENT_PAUSE_S = 0.8
 SEGMENT_MAX_S = 10.0
-SEGMENT_MAX_CHARS = 84  # two caption lines of 42 characters
+SEGMENT_MAX_CHARS = 84  # two caption lines of 42 characters (grapheme clusters: what a reader sees)
+_GRAPHEME = regex.compile(r"\X")
+
+
+def graphemes(text: str) -> list[str]:
+    """The characters a reader sees (Unicode extended grapheme clusters, conjuncts included).
+
+    Devanagari writes a syllable as a consonant plus vowel signs and viramas: "नमस्ते" is 6
+    code points and 3 characters on screen. Caption lengths count these, not code points.
+    """
+    return list(_GRAPHEME.findall(text))
 SENTENCE_END = (".", "?", "!", "\u0964")  # \u0964: Devanagari danda
 
 
@@ -267,7 +278,7 @@ def segment_words(words: list[Word]) -> list[Segment]:
 
     for w in words:
         if cur:
-            chars = sum(len(x.word) + 1 for x in cur) + len(w.word)
+            chars = sum(len(graphemes(x.word)) + 1 for x in cur) + len(graphemes(w.word))
             if (
                 cur[-1].word.endswith(SENTENCE_END)
                 or w.pause_before >= SEGMENT_PAUSE_S

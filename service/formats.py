@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from service.decoding import Segment, Word
+from service.decoding import Segment, Word, graphemes
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json")
@@ -30,13 +30,18 @@ def _timestamp(seconds: float, sep: str) -> str:
 
 
 def _caption_lines(text: str) -> str:
-    """One line, or two broken at the space nearest the middle when longer than a caption line."""
-    if len(text) <= LINE_CHARS or " " not in text:
+    """One line, or two broken at the space nearest the middle when longer than a caption line.
+
+    Lengths are in grapheme clusters (``graphemes``), so Devanagari lines are as long on screen
+    as Latin ones.
+    """
+    chars = graphemes(text)
+    if len(chars) <= LINE_CHARS or " " not in chars:
         return text
-    mid = len(text) // 2
-    spaces = [i for i, c in enumerate(text) if c == " "]
+    mid = len(chars) // 2
+    spaces = [i for i, c in enumerate(chars) if c == " "]
     cut = min(spaces, key=lambda i: abs(i - mid))
-    return text[:cut] + "\n" + text[cut + 1 :]
+    return "".join(chars[:cut]) + "\n" + "".join(chars[cut + 1 :])
 
 
 def _cue_times(segments: list[Segment]) -> list[tuple[float, float]]:

@@ -24,7 +24,7 @@ import pytest
 import soundfile as sf
 
 from testkit.nemo import CACHE, EXPORT_PYTHON, IN_CI, ROOT
-from testkit.speech import SENTENCES, VOICES, synthesize
+from testkit.speech import HINDI_SENTENCES, SENTENCES, VOICES, synthesize
 
 __all__ = ["CACHE", "EXPORT_PYTHON", "IN_CI", "ROOT", "SENTENCES", "VOICES", "synthesize"]
 
@@ -149,14 +149,15 @@ def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
         arch,
         files,
         [
-            [f"{nemo_side}/build_model.py", "--out", "{work}/nemo", "--arch", arch],
+            [f"{nemo_side}/build_model.py", "--out", "{work}/nemo", "--arch", arch]
+            + (["--vocab-size", "128"] if arch == "hindi" else []),  # Devanagari needs more pieces
             [
                 "export_to_onnx.py",
                 "{work}/nemo/model.nemo",
                 "--name",
                 name,
                 "--language",
-                "en",
+                "hi" if arch == "hindi" else "en",
                 "--models-dir",
                 "{work}/models",
                 "--tokens-dir",
@@ -184,10 +185,30 @@ def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
     )
 
 
-@pytest.fixture(scope="session", params=["conformer", "fastconformer", "char", "hybrid"])
+@pytest.fixture(scope="session")
+def hindi_speech_dir(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hindi speech (espeak-ng's hi voice) plus the noise and edge-length clips of ``speech_dir``."""
+    d = tmp_path_factory.mktemp("speech_hi")
+    for i, text in enumerate(HINDI_SENTENCES):
+        synthesize(text, "hi", 130 + 15 * (i % 4), d / f"speech_hi_{i:02d}.wav")
+    for extra in speech_dir.glob("*.wav"):
+        if not extra.name.startswith("speech_"):
+            shutil.copy(extra, d / extra.name)
+    return d
+
+
+@pytest.fixture(scope="session", params=["conformer", "fastconformer", "char", "hybrid", "hindi"])
 def nemo_model(request: pytest.FixtureRequest, speech_dir: Path) -> NemoModel:
-    """Each test that takes this runs once per architecture."""
+    """Each test that takes this runs once per architecture (the Hindi model on Hindi speech)."""
+    if request.param == "hindi":
+        return request.getfixturevalue("hindi")
     return build_nemo_model(request.param, speech_files(speech_dir))
+
+
+@pytest.fixture(scope="session")
+def hindi(hindi_speech_dir: Path) -> NemoModel:
+    """A Conformer-CTC with a Devanagari SentencePiece vocabulary, language hi."""
+    return build_nemo_model("hindi", speech_files(hindi_speech_dir))
 
 
 @pytest.fixture(scope="session")

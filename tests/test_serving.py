@@ -16,24 +16,39 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 import pytest
 
+from service.audio import read_audio
 from service.config import Settings
 from service.models import ModelPackage, Recognizer
 from service.scheduler import Scheduler
 from testkit.server import running_server
-from tests.conftest import NemoModel
-from tests.test_api import assert_error, model_env, post
+from tests.conftest import NemoModel, speech_files
+from tests.test_api import DEFAULT_MODEL, assert_error, default_env, model_env, post
 
 KEY = "test-key-1"
 
 
-def model_stats(url: str, m: NemoModel, headers: dict[str, str] | None = None) -> dict:
-    return httpx.get(f"{url}/stats", headers=headers).json()["models"][m.name]
+def model_stats(url: str, name: str, headers: dict[str, str] | None = None) -> dict:
+    return httpx.get(f"{url}/stats", headers=headers).json()["models"][name]
+
+
+@pytest.fixture(scope="module")
+def clips(speech_dir: Path) -> list[Path]:
+    return speech_files(speech_dir)
+
+
+@pytest.fixture(scope="module")
+def expected(clips: list[Path]) -> list[str]:
+    """The default model's transcripts of ``clips``, in process: what the server must answer."""
+    s = Settings()
+    rec = Recognizer(ModelPackage.open(s.model_dir, s.tokens_dir, DEFAULT_MODEL))
+    return [rec.transcribe([read_audio(p, rec.sample_rate)[0]])[0].text for p in clips]
 
 
 def wait_for(cond, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -58,22 +73,22 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_nemo_transcript(
     batching_server: str, conformer: NemoModel
 ) -> None:
     """22 clips of unequal lengths sent at once: batched (mean size > 1), each answer still NeMo's."""
-    before = model_stats(batching_server, conformer)
+    before = model_stats(batching_server, conformer.name)
     with ThreadPoolExecutor(len(conformer.files)) as ex:
         rs = list(ex.map(lambda p: post(batching_server, p.read_bytes(), p.name), conformer.files))
     for r, path, expected in zip(rs, conformer.files, conformer.transcripts, strict=True):
         assert r.status_code == 200, r.text
         assert r.json()["text"] == expected, path.name
-    after = model_stats(batching_server, conformer)
+    after = model_stats(batching_server, conformer.name)
     batches = after["batches"] - before["batches"]
     assert after["requests"]["ok"] - before["requests"].get("ok", 0) == len(conformer.files)
     assert batches < len(conformer.files), "no two requests shared a batch"
     assert after["queue"]["max_depth"] > 1 and after["queue"]["depth"] == 0
 
 
-def test_batches_group_similar_lengths(conformer: NemoModel) -> None:
+def test_batches_group_similar_lengths(clips: list[Path]) -> None:
     """The oldest job goes first, with the queued jobs nearest its length; far lengths wait."""
-    pkg = ModelPackage.open(conformer.model_dir, conformer.tokens_dir, conformer.name)
+    pkg = ModelPackage.open(Settings().model_dir, Settings().tokens_dir, DEFAULT_MODEL)
     sched = Scheduler(Recognizer(pkg), ThreadPoolExecutor(1), max_batch_size=3, max_queue_delay_ms=0)
     from service.scheduler import Job
 
@@ -92,12 +107,11 @@ def test_batches_group_similar_lengths(conformer: NemoModel) -> None:
 
 
 @pytest.fixture(scope="module")
-def busy_server(conformer: NemoModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def busy_server(clips: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server whose queue holds jobs for 3 s (waiting for company), 3 admission slots, API keys."""
     keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys_file.write_text("# one key per line\nfile-key\n\n")
-    env = model_env(
-        conformer,
+    env = default_env(
         ASR_MAX_BATCH_SIZE="8",
         ASR_MAX_QUEUE_DELAY_MS="3000",
         ASR_QUEUE_SIZE="3",
@@ -119,8 +133,8 @@ def post_auth(url: str, data: bytes, headers: dict[str, str] | None = None) -> h
     )
 
 
-def test_api_keys(busy_server: str, conformer: NemoModel) -> None:
-    wav = conformer.files[0].read_bytes()
+def test_api_keys(busy_server: str, clips: list[Path], expected: list[str]) -> None:
+    wav = clips[0].read_bytes()
     r = httpx.post(f"{busy_server}/transcribe", files={"file": ("a.wav", wav)})
     assert_error(r, 401, "missing_api_key")
     assert r.headers["www-authenticate"] == "Bearer"
@@ -133,21 +147,21 @@ def test_api_keys(busy_server: str, conformer: NemoModel) -> None:
         r = httpx.post(
             f"{busy_server}/transcribe", files={"file": ("a.wav", wav)}, headers={"Authorization": f"Bearer {key}"}
         )
-        assert r.status_code == 200 and r.json()["text"] == conformer.transcripts[0], key
+        assert r.status_code == 200 and r.json()["text"] == expected[0], key
     # Probes and scrapes stay open by default.
     for path in ("/health", "/health/live", "/health/ready", "/metrics", "/"):
         assert httpx.get(f"{busy_server}{path}").status_code == 200, path
 
 
-def test_auth_all_endpoints_closes_probes(conformer: NemoModel) -> None:
-    env = model_env(conformer, ASR_API_KEYS=KEY, ASR_AUTH_ALL_ENDPOINTS="true")
+def test_auth_all_endpoints_closes_probes(clips: list[Path]) -> None:
+    env = default_env(ASR_API_KEYS=KEY, ASR_AUTH_ALL_ENDPOINTS="true")
     with running_server(env, wait_ready=False) as url:
         assert_error(httpx.get(f"{url}/metrics"), 401, "missing_api_key")
         assert_error(httpx.get(f"{url}/health/live"), 401, "missing_api_key")
         assert httpx.get(f"{url}/health/live", headers=AUTH).status_code == 200
 
 
-def test_cors(busy_server: str, conformer: NemoModel) -> None:
+def test_cors(busy_server: str, clips: list[Path]) -> None:
     pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     r = httpx.options(f"{busy_server}/transcribe", headers={**pre, "Access-Control-Request-Headers": "authorization"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
@@ -164,11 +178,11 @@ def test_cors_closed_by_default(batching_server: str) -> None:
     assert "access-control-allow-origin" not in r.headers
 
 
-def test_full_queue_is_refused_fast_with_retry_after(busy_server: str, conformer: NemoModel) -> None:
-    wav = conformer.files[1].read_bytes()
+def test_full_queue_is_refused_fast_with_retry_after(busy_server: str, clips: list[Path], expected: list[str]) -> None:
+    wav = clips[1].read_bytes()
     with ThreadPoolExecutor(3) as ex:
         held = [ex.submit(post_auth, busy_server, wav) for _ in range(3)]  # 3 slots, held ~3 s
-        wait_for(lambda: model_stats(busy_server, conformer, AUTH)["queue"]["in_progress"] == 3)
+        wait_for(lambda: model_stats(busy_server, DEFAULT_MODEL, AUTH)["queue"]["in_progress"] == 3)
         t0 = time.perf_counter()
         r = post_auth(busy_server, wav)
         refused_s = time.perf_counter() - t0
@@ -176,16 +190,16 @@ def test_full_queue_is_refused_fast_with_retry_after(busy_server: str, conformer
         assert int(r.headers["retry-after"]) >= 1
         assert refused_s < 2.5, "refusal waited for the queue"  # (the held requests take >= 3 s)
         results = [f.result() for f in held]
-    assert all(x.status_code == 200 and x.json()["text"] == conformer.transcripts[1] for x in results)
-    s = model_stats(busy_server, conformer, AUTH)
+    assert all(x.status_code == 200 and x.json()["text"] == expected[1] for x in results)
+    s = model_stats(busy_server, DEFAULT_MODEL, AUTH)
     assert s["requests"]["unavailable"]["queue_full"] >= 1 and s["queue"]["in_progress"] == 0
 
 
-def test_deadline_drops_queued_request_with_504(busy_server: str, conformer: NemoModel) -> None:
-    before = model_stats(busy_server, conformer, AUTH)
-    r = post_auth(busy_server, conformer.files[0].read_bytes(), {"X-Request-Timeout": "0.5"})
+def test_deadline_drops_queued_request_with_504(busy_server: str, clips: list[Path]) -> None:
+    before = model_stats(busy_server, DEFAULT_MODEL, AUTH)
+    r = post_auth(busy_server, clips[0].read_bytes(), {"X-Request-Timeout": "0.5"})
     assert_error(r, 504, "deadline_exceeded")
-    after = model_stats(busy_server, conformer, AUTH)
+    after = model_stats(busy_server, DEFAULT_MODEL, AUTH)
     assert (
         after["requests"]["timeout"]["deadline_exceeded"]
         == before["requests"].get("timeout", {}).get("deadline_exceeded", 0) + 1
@@ -225,25 +239,25 @@ def multipart(data: bytes) -> tuple[str, bytes]:
     return f"multipart/form-data; boundary={b}", body
 
 
-def test_client_disconnect_cancels_queued_work(busy_server: str, conformer: NemoModel) -> None:
-    before = model_stats(busy_server, conformer, AUTH)
-    ctype, body = multipart(conformer.files[0].read_bytes())
+def test_client_disconnect_cancels_queued_work(busy_server: str, clips: list[Path]) -> None:
+    before = model_stats(busy_server, DEFAULT_MODEL, AUTH)
+    ctype, body = multipart(clips[0].read_bytes())
     head = (
         f"POST /transcribe HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
         f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     s = raw_request(busy_server, head, body)
-    wait_for(lambda: model_stats(busy_server, conformer, AUTH)["queue"]["depth"] == 1)
+    wait_for(lambda: model_stats(busy_server, DEFAULT_MODEL, AUTH)["queue"]["depth"] == 1)
     s.close()  # gone while its job waits (3 s) for company
-    wait_for(lambda: model_stats(busy_server, conformer, AUTH)["queue"]["in_progress"] == 0, 2.5)
-    after = model_stats(busy_server, conformer, AUTH)
+    wait_for(lambda: model_stats(busy_server, DEFAULT_MODEL, AUTH)["queue"]["in_progress"] == 0, 2.5)
+    after = model_stats(busy_server, DEFAULT_MODEL, AUTH)
     assert after["queue"]["depth"] == 0
     assert (
         after["requests"]["client_gone"]["client_disconnected"]
         == before["requests"].get("client_gone", {}).get("client_disconnected", 0) + 1
     )
     time.sleep(3.2)  # past the queue delay: had the job stayed queued, a batch would have run by now
-    assert model_stats(busy_server, conformer, AUTH)["batches"] == before["batches"]
+    assert model_stats(busy_server, DEFAULT_MODEL, AUTH)["batches"] == before["batches"]
 
 
 def test_chunked_upload_is_cut_off_at_the_limit(busy_server: str) -> None:
@@ -291,21 +305,20 @@ def test_declared_oversize_body_refused_before_reading(busy_server: str) -> None
 # --- graceful shutdown --------------------------------------------------------------------
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits(conformer: NemoModel) -> None:
-    env = model_env(
-        conformer,
+def test_sigterm_finishes_in_flight_requests_then_exits(clips: list[Path], expected: list[str]) -> None:
+    env = default_env(
         ASR_MAX_BATCH_SIZE="8",
         ASR_MAX_QUEUE_DELAY_MS="1500",
         ASR_LOG_LEVEL="info",
         ASR_SHUTDOWN_TIMEOUT_S="20",
     )
     logs: list[str] = []
-    wav = conformer.files[2].read_bytes()
+    wav = clips[2].read_bytes()
     procs: list[subprocess.Popen[str]] = []
     with running_server(env, output=logs, process=procs) as url, ThreadPoolExecutor(3) as ex:
         proc = procs[0]
         inflight = [ex.submit(post, url, wav) for _ in range(3)]
-        wait_for(lambda: httpx.get(f"{url}/stats").json()["models"][conformer.name]["queue"]["depth"] == 3)
+        wait_for(lambda: httpx.get(f"{url}/stats").json()["models"][DEFAULT_MODEL]["queue"]["depth"] == 3)
         proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in inflight]
         # uvicorn re-raises the signal once shut down, so a SIGTERM'd server reports -15 (143 in a shell).
@@ -313,7 +326,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(conformer: NemoModel) ->
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", timeout=2)
     assert [r.status_code for r in results] == [200, 200, 200]
-    assert all(r.json()["text"] == conformer.transcripts[2] for r in results)
+    assert all(r.json()["text"] == expected[2] for r in results)
     lines = [json.loads(line) for line in logs[0].splitlines() if line.startswith("{")]
     msgs = [d["msg"] for d in lines]
     assert any("draining" in m for m in msgs) and "Application shutdown complete." in msgs

@@ -193,10 +193,12 @@ def warm_start(source: Path, run: Path, tokens_dir: Path = ROOT / "tokens") -> d
     if source.is_dir():
         from export_to_onnx import read_nemo_state
 
-        tokenizer = json.loads((source / "model.json").read_text())["vocabulary"].get("tokenizer", {})
-        if tokenizer.get("type") != "sentencepiece":
+        from service.package import Manifest
+
+        tokenizer = Manifest.read(source).vocabulary.tokenizer
+        if tokenizer.type != "sentencepiece" or tokenizer.file is None:
             raise SystemExit(f"{source}: not a SentencePiece (BPE) model package; train.py trains only those")
-        write_nemo_tokenizer((tokens_dir / tokenizer["file"]).read_bytes(), tok_dir)
+        write_nemo_tokenizer((tokens_dir / tokenizer.file).read_bytes(), tok_dir)
         return {
             k: torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v)
             for k, v in read_nemo_state(source).items()

@@ -37,6 +37,26 @@ the weather today is sunny with a chance of rain in the evening
 please transcribe this sentence exactly as it was spoken
 """
 
+# Hindi text for the Devanagari model's tokenizer (written for these tests; everyday sentences
+# with conjuncts, nukta, anusvara and chandrabindu, as stt_hi_conformer_ctc_medium's vocabulary has).
+HINDI_TEXT = """मेरा नाम राम है और मैं दिल्ली में रहता हूँ
+आज मौसम बहुत अच्छा है
+कृपया दरवाज़ा बंद कर दीजिए
+भारत एक विशाल देश है जिसमें अनेक भाषाएँ बोली जाती हैं
+हम कल सुबह स्टेशन जाएँगे
+बच्चे पार्क में क्रिकेट खेल रहे हैं
+क्या आप मुझे पानी का एक गिलास दे सकते हैं
+यह किताब बहुत रोचक है
+मुझे हिंदी संगीत सुनना पसंद है
+ट्रेन दस मिनट देर से पहुँचेगी
+किसान खेत में गेहूँ बो रहा है
+नमस्ते आप कैसे हैं
+हमारे विद्यालय में एक बड़ा पुस्तकालय है
+वह हर दिन योग और व्यायाम करती है
+शहर की सड़कों पर बहुत भीड़ है
+धन्यवाद फिर मिलेंगे
+"""
+
 ARCHS = {
     # Conformer-CTC: striding subsampling by 4, like stt_*_conformer_ctc_*.
     "conformer": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
@@ -47,6 +67,8 @@ ARCHS = {
     # Conformer-CTC whose attention sees +-16 frames (0.64 s): a random model that is local like a
     # trained one, so windowed decoding of long audio can be compared with unchunked decoding.
     "local": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4, "att_context": [16, 16]},
+    # Conformer-CTC with a Devanagari SentencePiece vocabulary, like stt_hi_conformer_ctc_medium.
+    "hindi": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
     # The exact shape of stt_hi_conformer_ctc_medium (for bench/: speed depends on shape, not weights).
     "medium": {
         "subsampling": "striding",
@@ -72,7 +94,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tok-", dir=out))
     text_file = work / "text.txt"
-    text_file.write_text(TEXT * 4)
+    text_file.write_text((HINDI_TEXT if arch == "hindi" else TEXT) * 4, encoding="utf-8")
     create_spt_model(
         str(text_file),
         vocab_size=vocab_size,
