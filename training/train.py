@@ -192,7 +192,6 @@ def warm_start(source: Path, run: Path, tokens_dir: Path = ROOT / "tokens") -> d
     tok_dir.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
         from export_to_onnx import read_nemo_state
-
         from service.package import Manifest
 
         tokenizer = Manifest.read(source).vocabulary.tokenizer
