@@ -261,6 +261,8 @@ def graphemes(text: str) -> list[str]:
     code points and 3 characters on screen. Caption lengths count these, not code points.
     """
     return list(_GRAPHEME.findall(text))
+
+
 SENTENCE_END = (".", "?", "!", "\u0964")  # \u0964: Devanagari danda
 
 
