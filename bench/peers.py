@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,6 +28,7 @@ import onnxruntime as ort
 from bench.common import NAME, RESULTS, cpu_info, medium_model, server_env, speech, wav_bytes
 from service.config import available_cpus
 from service.models import ModelPackage, Recognizer
+from service.package import write_peer_files
 from testkit.server import running_server
 
 
@@ -57,11 +56,10 @@ def main() -> None:
     sherpa = sherpa_onnx.OfflineRecognizer.from_nemo_ctc(
         model=str(pkg.onnx_path), tokens=str(pkg.tokens_path), num_threads=args.threads, feature_dim=80
     )
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "model.onnx").symlink_to(pkg.onnx_path)
-    (tmp / "vocab.txt").write_bytes(pkg.tokens_path.read_bytes())
-    (tmp / "config.json").write_text(json.dumps({"features_size": 80, "subsampling_factor": 4}))
-    oasr = onnx_asr.load_model("nemo-conformer-ctc", str(tmp), sess_options=session_options(args.threads))
+    write_peer_files(pkg.onnx_path.parent, tokens)  # a package exported before they were part of it
+    oasr = onnx_asr.load_model(
+        "nemo-conformer-ctc", str(pkg.onnx_path.parent), sess_options=session_options(args.threads)
+    )
 
     def run_floor(x: np.ndarray) -> str:
         feats, lengths = feats_cache[id(x)]
