@@ -114,3 +114,33 @@ def test_a_model_loads_while_the_inference_threads_are_busy(tmp_path: Path) -> N
     finally:
         release.set()
         infer_pool.shutdown()
+
+
+def test_the_server_and_the_tools_cut_long_audio_alike(speech_dir: Path, tmp_path: Path) -> None:
+    """One long-audio driver: a 100 s recording (two windows of the default model) gives the same
+    transcript, words and window count in process (``transcribe_samples``) as over HTTP."""
+    import httpx
+    import numpy as np
+    import soundfile as sf
+
+    from service.audio import read_audio
+    from service.models import ModelPackage, Recognizer
+    from service.pipeline import chunk_plan, transcribe_samples
+    from testkit.server import running_server
+
+    clips = [read_audio(p, 16000)[0] for p in sorted(speech_dir.glob("speech_*.wav"))]
+    pause = np.zeros(8000, np.float32)
+    recording = np.concatenate([np.concatenate([c, pause]) for c in clips * 6])[: 100 * 16000]
+    wav = tmp_path / "long.wav"
+    sf.write(wav, recording, 16000, subtype="FLOAT")
+    settings = Settings()
+    rec = Recognizer(ModelPackage.open(settings.model_dir, settings.tokens_dir, DEFAULT))
+    local, pieces = transcribe_samples(rec, read_audio(wav, 16000)[0], chunk_plan(settings, rec))
+    assert pieces == 2
+    with running_server({}) as url:
+        data = {"response_format": "verbose_json"}
+        r = httpx.post(f"{url}/transcribe", files={"file": ("long.wav", wav.read_bytes())}, data=data, timeout=300)
+    body = r.json()
+    assert r.status_code == 200 and body["chunks"] == pieces
+    assert body["text"] == local.text and len(local.text.split()) > 150
+    assert [(w["word"], w["start"]) for w in body["words"]] == [(w.word, w.start) for w in local.words]
