@@ -92,8 +92,9 @@ class BodyLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.on_reject()
         mb = (self.limit - MULTIPART_OVERHEAD) / 1e6
-        await refuse(ClientError(413, "file_too_large", f"request body exceeds the {mb:g} MB upload limit"), scope,
-                     receive, send)  # fmt: skip
+        await refuse(
+            ClientError(413, "file_too_large", f"request body exceeds the {mb:g} MB upload limit"), scope, receive, send
+        )
 
 
 class Admission:
@@ -146,14 +147,18 @@ class ApiKeys:
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             err = ClientError(
-                401, "missing_api_key", "this server requires an API key: send 'Authorization: Bearer <key>'",
-                "Authorization", {"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+                401,
+                "missing_api_key",
+                "this server requires an API key: send 'Authorization: Bearer <key>'",
+                "Authorization",
+                {"WWW-Authenticate": "Bearer"},
+            )
             return await refuse(err, scope, receive, send)
         # Compare with every key in constant time, so timing does not reveal a key's prefix.
         if not any([hmac.compare_digest(token.strip().encode(), k) for k in self.keys]):
-            return await refuse(ClientError(403, "invalid_api_key", "the API key is not valid", "Authorization"),
-                                scope, receive, send)  # fmt: skip
+            return await refuse(
+                ClientError(403, "invalid_api_key", "the API key is not valid", "Authorization"), scope, receive, send
+            )
         await self.app(scope, receive, send)
 
 

@@ -157,9 +157,13 @@ class Pipeline:
             # Never below what the features need (two frames for normalization).
             min_s = max(self.settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
             source = await self._prep(
-                AudioSource, file, rec.sample_rate, max_duration_s=self.settings.max_duration_s,
-                min_duration_s=min_s, raw=raw,
-            )  # fmt: skip
+                AudioSource,
+                file,
+                rec.sample_rate,
+                max_duration_s=self.settings.max_duration_s,
+                min_duration_s=min_s,
+                raw=raw,
+            )
             try:
                 driver = plan_pieces(source.blocks, chunk_plan(self.settings, rec), rec.features)
                 transcript, chunks = await self._run(driver, sched, timeout_s, guard)

@@ -15,8 +15,11 @@ def test_wheel_installs_an_importable_service_and_its_command(tmp_path: Path) ->
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
-        check=True, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     (wheel,) = wheels.glob("nemo_ctc_asr-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -29,12 +32,17 @@ def test_wheel_installs_an_importable_service_and_its_command(tmp_path: Path) ->
     assert any(d.startswith("onnxruntime") for d in deps) and not any(d.startswith(("torch", "nemo")) for d in deps)
     # Installed apart from the checkout (dependencies from this environment), run from elsewhere.
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = "import service.app, service.routes.openai, sys; print(service.app.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith(str(site)), out.stderr
-    help_ = subprocess.run([str(site / "bin" / "nemo-ctc-asr"), "--help"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True)  # fmt: skip
+    help_ = subprocess.run(
+        [str(site / "bin" / "nemo-ctc-asr"), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert help_.returncode == 0 and "ASR_" in help_.stdout, help_.stderr

@@ -41,9 +41,13 @@ def check_format(fmt: str) -> ResponseFormat:
 
 
 async def transcribe_upload(
-    request: Request, pipeline: Pipeline, entry: ModelEntry, upload: UploadFile, raw: RawFormat | None,
+    request: Request,
+    pipeline: Pipeline,
+    entry: ModelEntry,
+    upload: UploadFile,
+    raw: RawFormat | None,
     timeout_s: float,
-) -> Outcome:  # fmt: skip
+) -> Outcome:
     """One uploaded file through the pipeline; work is dropped if the client goes away."""
     return await pipeline.transcribe(
         entry, upload.file, raw, timeout_s=timeout_s, guard=lambda work: until_disconnect(request, work)
