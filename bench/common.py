@@ -4,7 +4,7 @@ The model has the exact shape of ``stt_hi_conformer_ctc_medium`` (d_model 256, 1
 4 heads, subsampling x4, 128 tokens) with random weights: built by NeMo
 (``tests/nemo_side/build_model.py --arch medium``) and exported by ``export_to_onnx.py`` into
 ``.cache/bench`` (git-ignored), once. Speed depends on the shape, not the weights.
-Clips are espeak-ng speech (``tests.conftest.synthesize``) joined to the lengths asked for.
+Clips are espeak-ng speech (``testkit.speech.synthesize``) joined to the lengths asked for.
 """
 
 from __future__ import annotations
