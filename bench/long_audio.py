@@ -27,7 +27,7 @@ import numpy as np
 from bench.common import RESULTS, cpu_info, speech
 from service.config import Settings
 from service.models import ModelPackage, Recognizer
-from service.pipeline import chunk_plan, transcribe_samples
+from service.pipeline import audio_plan, transcribe_samples
 from service.registry import default_model_name
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     s = Settings()
     name = args.model or default_model_name(s)
     rec = Recognizer(ModelPackage.open(s.model_dir, s.tokens_dir, name), intra_op_threads=s.resolved_intra_op_threads())
-    plan = chunk_plan(s, rec)
+    plan = audio_plan(s, rec)
     rows = []
     for sec in args.seconds:
         if sec > rec.max_audio_s:  # the graph's positional table ends there (export --max-audio-s)

@@ -72,9 +72,20 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(
         4 * 3600.0, gt=0, description="Longest accepted audio, in seconds (long audio runs in windows)"
     )
-    chunk_s: float = Field(60.0, gt=0, description="Long audio: seconds of audio each window transcribes")
+    long_audio: Literal["segments", "windows"] = Field(
+        "segments",
+        description="Long audio: cut at pauses into utterances (segments), or fixed overlapping windows (windows)",
+    )
+    segment_max_s: float = Field(
+        20.0, gt=1, description="Longest input recognized in one piece; longer inputs are cut at pauses"
+    )
+    min_silence_s: float = Field(0.3, gt=0, description="A pause this long ends an utterance (long audio)")
+    speech_gate: bool = Field(
+        True, description="Inputs with no speech at all (silence, room tone, steady noise) give an empty text"
+    )
+    chunk_s: float = Field(60.0, gt=0, description="Long audio, windows mode: seconds each window transcribes")
     chunk_context_s: float = Field(
-        10.0, ge=0, description="Long audio: seconds of context the encoder sees on each side of a window"
+        10.0, ge=0, description="Long audio, windows mode: seconds of context on each side of a window"
     )
     max_batch_files: int = Field(32, ge=1, description="Most files in one /transcribe/batch request")
     min_duration_s: float = Field(0.1, ge=0, description="Shortest accepted audio, in seconds")

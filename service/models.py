@@ -7,17 +7,21 @@ A ``Recognizer`` ties together the package's features, engine and decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from service.decoding import Detokenizer, FramePath, Word, ctc_align, read_token_map
+from service.decoding import SEGMENT_PAUSE_S, Detokenizer, FramePath, Word, ctc_align, read_token_map
 from service.engine import Device, Engine
 from service.features import FeatureExtractor, NormStats
 from service.package import MANIFEST_FILE, Manifest, PackageError, list_packages, sha256_file
+
+if TYPE_CHECKING:
+    from service.pipeline import Utterance
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,36 @@ class Recognizer:
             token_ids=align.ids,
             words=self.detokenize.words(align, self.frame_shift_s),
         )
+
+    def decode_utterances(self, utterances: Sequence[Utterance]) -> Transcript:
+        """One transcript of a recording's utterances, in the recording's own time.
+
+        Each utterance is decoded on its own (it was heard on its own); its words move by its
+        offset, and its first word starts a new caption segment (a pause the speaker made).
+        """
+        texts: list[str] = []
+        ids: list[int] = []
+        words: list[Word] = []
+        for u in utterances:
+            t = self.decode(u.path)
+            if not t.text.strip():
+                continue
+            texts.append(t.text)
+            ids += t.token_ids
+            shift = u.offset * self.frame_shift_s
+            for i, w in enumerate(t.words):
+                words.append(
+                    replace(
+                        w,
+                        start=w.start + shift,
+                        end=w.end + shift,
+                        start_frame=w.start_frame + u.offset,
+                        end_frame=w.end_frame + u.offset,
+                        speech_start=w.speech_start + shift,
+                        pause_before=max(w.pause_before, SEGMENT_PAUSE_S) if i == 0 and words else w.pause_before,
+                    )
+                )
+        return Transcript(text=" ".join(texts), token_ids=ids, words=words)
 
     def transcribe(self, audios: list[npt.NDArray[np.float32]]) -> list[Transcript]:
         """Transcribe mono float32 signals at ``sample_rate``; one result per input, in order."""

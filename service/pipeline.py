@@ -18,6 +18,7 @@ timeout and a ``guard`` (e.g. "cancel if the client disconnects") and renders th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from service.metrics import Metrics
 from service.models import Recognizer, Transcript
 from service.registry import ModelEntry, ModelRegistry
 from service.scheduler import Scheduler
+from service.segmenter import SegmenterConfig, has_speech, speech_spans
 
 T = TypeVar("T")
 Blocks = Callable[[], Iterator[npt.NDArray[np.float32]]]  # a fresh pass over the recording each call
@@ -52,28 +54,85 @@ class Piece:
     stats: NormStats | None  # a long recording's normalization (whole-recording statistics)
 
 
-PieceDriver = Generator[Piece, FramePath, tuple[FramePath, int]]
+@dataclass(frozen=True)
+class Utterance:
+    """The best path of one stretch of speech, and where it starts in the recording (encoder frames)."""
+
+    offset: int
+    path: FramePath
 
 
-def plan_pieces(blocks: Blocks, plan: ChunkPlan, features: FeatureExtractor) -> PieceDriver:
-    """Yield the pieces of a recording; receive each one's best path; return the merged path and the count.
+PieceDriver = Generator[Piece, FramePath, list[Utterance]]
 
-    A recording that fits one window is one piece. A longer one is read twice: a first pass for
-    its normalization statistics (``scan``), then window by window, keeping each window's core
-    frames, so the merged path is one continuous frame sequence (``service.longform``).
+
+@dataclass(frozen=True)
+class AudioPlan:
+    """How a recording is cut into pieces: the settings, fitted to one model."""
+
+    mode: str  # "segments" or "windows"
+    segments: SegmenterConfig
+    windows: ChunkPlan  # windows mode: the whole recording; segments mode: a run without pauses
+    speech_gate: bool
+    rate: int
+    frame_samples: int
+
+    @property
+    def short_max(self) -> int:
+        """Longest input (samples) recognized whole, exactly as NeMo would."""
+        if self.mode == "windows":
+            return self.windows.single_max
+        return int(self.segments.max_segment_s * self.rate)
+
+
+def plan_pieces(blocks: Blocks, plan: AudioPlan, features: FeatureExtractor) -> PieceDriver:
+    """Yield the pieces of a recording; receive each one's best path; return its utterances.
+
+    Input that fits one piece is one piece, exactly as NeMo hears it (unless the speech gate finds
+    no speech in it: then nothing). Longer input is cut at pauses (``service.segmenter``), each
+    utterance normalized over itself; speech that runs on without a pause is recognized in short
+    overlapping windows merged at the frame level (``service.longform``). In ``windows`` mode,
+    long input is one sequence of overlapping windows with whole-recording normalization.
     """
-    first = scan(blocks(), plan, features)
-    if first.samples is not None:
-        path = yield Piece(first.samples, None)
-        return path, 1
-    parts = []
-    for w in windows(blocks(), plan):
-        out = yield Piece(w.samples, first.stats)
-        parts.append(w.keep(out))
-    return FramePath.concat(parts), len(parts)
+    head, rest = _head(blocks(), plan.short_max)
+    if rest is None:  # short: one piece
+        if plan.speech_gate and not has_speech(head, plan.rate, plan.segments):
+            return []
+        path = yield Piece(head, None)
+        return [Utterance(0, path)]
+    if plan.mode == "windows":
+        first = scan(blocks(), plan.windows, features)
+        parts = []
+        for w in windows(blocks(), plan.windows):
+            parts.append(w.keep((yield Piece(w.samples, first.stats))))
+        return [Utterance(0, FramePath.concat(parts))]
+    utterances = []
+    for span in speech_spans(itertools.chain([head], rest), plan.rate, plan.segments, plan.frame_samples):
+        if not span.run:
+            path = yield Piece(span.samples, None)
+        else:  # no pause for max_segment_s: short windows, each normalized over itself
+            parts = []
+            for w in windows(iter([span.samples]), plan.windows):
+                parts.append(w.keep((yield Piece(w.samples, None))))
+            path = FramePath.concat(parts)
+        utterances.append(Utterance(span.start // plan.frame_samples, path))
+    return utterances
 
 
-def _advance(driver: PieceDriver, path: FramePath | None) -> Piece | tuple[FramePath, int]:
+def _head(
+    blocks: Iterator[npt.NDArray[np.float32]], limit: int
+) -> tuple[npt.NDArray[np.float32], Iterator[npt.NDArray[np.float32]] | None]:
+    """The first blocks up to ``limit`` samples, joined; and the rest (None: the recording ended)."""
+    kept: list[npt.NDArray[np.float32]] = []
+    n = 0
+    for b in blocks:
+        kept.append(b)
+        n += b.shape[0]
+        if n > limit:
+            return np.concatenate(kept), blocks
+    return (np.concatenate(kept) if kept else np.zeros(0, np.float32)), None
+
+
+def _advance(driver: PieceDriver, path: FramePath | None) -> Piece | list[Utterance]:
     """One step of the driver: the next piece, or its result (StopIteration cannot cross a Future)."""
     try:
         return driver.send(path)  # type: ignore[arg-type]  # the first send must be None
@@ -86,24 +145,39 @@ def array_blocks(samples: npt.NDArray[np.float32], rate: int) -> Blocks:
     return lambda: (samples[i : i + step] for i in range(0, samples.shape[0], step))
 
 
-def chunk_plan(settings: Settings, rec: Recognizer) -> ChunkPlan:
-    """The window plan for ``rec``: ``ASR_CHUNK_S`` cores with ``ASR_CHUNK_CONTEXT_S`` on each side."""
-    return ChunkPlan.create(
-        settings.chunk_s, settings.chunk_context_s, rec.sample_rate, rec.frame_samples, rec.max_audio_s
+RUN_CONTEXT_S = 4.0  # a run without pauses: windows of max_segment_s with this context on each side
+
+
+def audio_plan(settings: Settings, rec: Recognizer) -> AudioPlan:
+    """How ``rec`` hears long audio under ``settings`` (never longer pieces than its graph takes)."""
+    max_s = min(settings.segment_max_s, rec.max_audio_s)
+    if settings.long_audio == "windows":
+        chunk_s, context_s = settings.chunk_s, settings.chunk_context_s
+    else:
+        context_s = min(RUN_CONTEXT_S, max_s / 5)
+        chunk_s = max_s - 2 * context_s
+    return AudioPlan(
+        mode=settings.long_audio,
+        segments=SegmenterConfig(min_silence_s=settings.min_silence_s, max_segment_s=max_s),
+        windows=ChunkPlan.create(chunk_s, context_s, rec.sample_rate, rec.frame_samples, rec.max_audio_s),
+        speech_gate=settings.speech_gate,
+        rate=rec.sample_rate,
+        frame_samples=rec.frame_samples,
     )
 
 
-def transcribe_samples(rec: Recognizer, samples: npt.NDArray[np.float32], plan: ChunkPlan) -> tuple[Transcript, int]:
+def transcribe_samples(rec: Recognizer, samples: npt.NDArray[np.float32], plan: AudioPlan) -> tuple[Transcript, int]:
     """The server's path, in process and synchronous (benchmarks, offline tools).
 
-    Returns the transcript and the number of pieces (1: short enough to run unchunked).
+    Returns the transcript and the number of pieces the model ran on (1: short enough to run whole).
     """
     driver = plan_pieces(array_blocks(samples, rec.sample_rate), plan, rec.features)
     step = _advance(driver, None)
+    pieces = 0
     while isinstance(step, Piece):
         step = _advance(driver, rec.paths([step.samples], [step.stats])[0])
-    path, pieces = step
-    return rec.decode(path), pieces
+        pieces += 1
+    return rec.decode_utterances(step), pieces
 
 
 @dataclass(frozen=True)
@@ -165,7 +239,7 @@ class Pipeline:
                 raw=raw,
             )
             try:
-                driver = plan_pieces(source.blocks, chunk_plan(self.settings, rec), rec.features)
+                driver = plan_pieces(source.blocks, audio_plan(self.settings, rec), rec.features)
                 transcript, chunks = await self._run(driver, sched, timeout_s, guard)
             finally:
                 source.close()
@@ -183,7 +257,7 @@ class Pipeline:
             rec = sched.recognizer
             if samples.shape[0] < rec.features.min_samples():
                 raise ClientError(400, "audio_too_short", "too little audio to transcribe", "audio")
-            driver = plan_pieces(array_blocks(samples, rec.sample_rate), chunk_plan(self.settings, rec), rec.features)
+            driver = plan_pieces(array_blocks(samples, rec.sample_rate), audio_plan(self.settings, rec), rec.features)
             transcript, chunks = await self._run(driver, sched, timeout_s, guard)
         finally:
             self.registry.release(entry)
@@ -196,11 +270,12 @@ class Pipeline:
     ) -> tuple[Transcript, int]:
         """Drive ``plan_pieces``: plan on the prep pool, each piece a job of its own in the model's queue."""
         step = await self._prep(_advance, driver, None)
+        pieces = 0
         while isinstance(step, Piece):
             path = await guard(sched.infer(step.samples, time.monotonic() + timeout_s, step.stats))
             step = await self._prep(_advance, driver, path)
-        path, chunks = step
-        return await self._prep(sched.recognizer.decode, path), chunks
+            pieces += 1
+        return await self._prep(sched.recognizer.decode_utterances, step), pieces
 
     def _done(
         self, entry: ModelEntry, t: Transcript, info: AudioInfo, duration_s: float, t0: float, chunks: int

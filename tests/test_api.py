@@ -25,10 +25,13 @@ from tests.conftest import NemoModel, speech_files
 
 
 def model_env(m: NemoModel, **extra: str) -> dict[str, str]:
+    """A server on a NeMo-built model. The speech gate is off: these servers are compared with NeMo on
+    every clip, noise included (``test_the_speech_gate_only_silences_non_speech`` runs it on)."""
     return {
         "ASR_MODEL_DIR": str(m.model_dir),
         "ASR_TOKENS_DIR": str(m.tokens_dir),
         "ASR_DEFAULT_MODEL": m.name,
+        "ASR_SPEECH_GATE": "false",
         **extra,
     }
 
@@ -100,6 +103,20 @@ def test_transcripts_over_http_equal_nemo(nemo_server: str, conformer: NemoModel
         n = sf.info(str(path)).frames
         assert body["duration_s"] == pytest.approx(n / 16000, abs=1e-3)
         assert body["model"] == conformer.name and body["processing_ms"] > 0 and body["rtf"] > 0
+
+
+def test_the_speech_gate_only_silences_non_speech(conformer: NemoModel) -> None:
+    """With the gate on (the default), speech gets NeMo's exact transcript; noise gets no words.
+
+    NeMo itself transcribes whatever it is given: on noise, a random model's gibberish (a trained
+    one's invented words). The gate answers "" there without running the model.
+    """
+    with running_server(model_env(conformer, ASR_SPEECH_GATE="true")) as url:
+        for path, expected in zip(conformer.files, conformer.transcripts, strict=True):
+            text = post(url, path.read_bytes(), path.name).json()["text"]
+            assert text == ("" if path.name.startswith("noise_") else expected), path.name
+        batches = httpx.get(f"{url}/stats").json()["models"][conformer.name]["batches"]
+    assert batches == len(conformer.files) - 2  # the two noise clips never reached the model
 
 
 @pytest.mark.parametrize(

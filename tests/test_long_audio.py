@@ -64,7 +64,9 @@ def local(speech_dir: Path) -> NemoModel:
 
 @pytest.fixture(scope="module")
 def server(local: NemoModel) -> Iterator[str]:
-    with running_server(model_env(local)) as url:  # defaults: 60 s windows + 10 s context each side
+    # The windows mode: 60 s windows + 10 s context each side, merged at the frame level (the default
+    # cuts at pauses instead: tests/test_long_recordings.py). Runs without pauses use the same merge.
+    with running_server(model_env(local, ASR_LONG_AUDIO="windows")) as url:
         yield url
 
 
