@@ -93,18 +93,17 @@ def plan_pieces(blocks: Blocks, plan: AudioPlan, features: FeatureExtractor) -> 
     overlapping windows merged at the frame level (``service.longform``). In ``windows`` mode,
     long input is one sequence of overlapping windows with whole-recording normalization.
     """
-    head, rest = _head(blocks(), plan.short_max)
-    if rest is None:  # short: one piece
-        if plan.speech_gate and not has_speech(head, plan.rate, plan.segments):
-            return []
-        path = yield Piece(head, None)
-        return [Utterance(0, path)]
     if plan.mode == "windows":
         first = scan(blocks(), plan.windows, features)
+        if first.samples is not None:
+            return (yield from _whole(first.samples, plan))
         parts = []
         for w in windows(blocks(), plan.windows):
             parts.append(w.keep((yield Piece(w.samples, first.stats))))
         return [Utterance(0, FramePath.concat(parts))]
+    head, rest = _head(blocks(), plan.short_max)
+    if rest is None:
+        return (yield from _whole(head, plan))
     utterances = []
     for span in speech_spans(itertools.chain([head], rest), plan.rate, plan.segments, plan.frame_samples):
         if not span.run:
@@ -116,6 +115,14 @@ def plan_pieces(blocks: Blocks, plan: AudioPlan, features: FeatureExtractor) -> 
             path = FramePath.concat(parts)
         utterances.append(Utterance(span.start // plan.frame_samples, path))
     return utterances
+
+
+def _whole(samples: npt.NDArray[np.float32], plan: AudioPlan) -> PieceDriver:
+    """A short input: one piece, exactly as NeMo hears it; nothing if the gate finds no speech."""
+    if plan.speech_gate and not has_speech(samples, plan.rate, plan.segments):
+        return []
+    path = yield Piece(samples, None)
+    return [Utterance(0, path)]
 
 
 def _head(
