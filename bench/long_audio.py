@@ -199,8 +199,17 @@ def main() -> None:
         print(json.dumps(speed), flush=True)
         mem = {"idle_at_start_rss_mb": idle, **memory(url, long, args.minutes, args.concurrency)}
         print(json.dumps({k: v for k, v in mem.items() if k != "rss_mb_after_series"}), flush=True)
+        two_hours = memory(url, long, 120, 1)
+        print(json.dumps({k: v for k, v in two_hours.items() if k != "rss_mb_after_series"}), flush=True)
     rows = accuracy(rec, sets)
-    result = {"model": name, "cpu": cpu_info(), "accuracy": rows, "throughput": speed, "memory": mem}
+    result = {
+        "model": name,
+        "cpu": cpu_info(),
+        "accuracy": rows,
+        "throughput": speed,
+        "memory": mem,
+        "two_hours": two_hours,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "long_audio.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "long_audio.md").write_text(report(result))
@@ -220,7 +229,7 @@ def report(r: dict[str, Any]) -> str:
             f"| {100 * row['segments']:.1f} % ({row['segments_pieces']} pieces) "
             f"| {100 * row['windows']:.1f} % ({row['windows_pieces']} windows) |"
         )
-    t, m = r["throughput"], r["memory"]
+    t, m, h = r["throughput"], r["memory"], r["two_hours"]
     lines += [
         "",
         f"Throughput through the server: short clips {t['short_clips_audio_s_per_s']:.1f} audio s/s, the long "
@@ -233,6 +242,10 @@ def report(r: dict[str, Any]) -> str:
         f"uploads (after the throughput runs) {m['rss_mb_before']:.0f} MB, during: peak "
         f"{m['peak_rss_mb_during']:.0f} MB, median {m['median_rss_mb_during']:.0f} MB; one minute after: "
         f"{m['rss_mb_after_60s']:.0f} MB (process high-water mark {m['peak_rss_mb_process']:.0f} MB).",
+        "",
+        f"One 2-hour upload ({h['audio_s_per_s']:.1f} audio s/s): before {h['rss_mb_before']:.0f} MB, during: "
+        f"peak {h['peak_rss_mb_during']:.0f} MB; one minute after: {h['rss_mb_after_60s']:.0f} MB "
+        f"(high-water mark {h['peak_rss_mb_process']:.0f} MB).",
         "",
     ]
     return "\n".join(lines)

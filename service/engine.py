@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,14 +50,31 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
-def _find_malloc_trim() -> Any:
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """At most ``n`` glibc heap arenas, unless the operator set MALLOC_ARENA_MAX.
+
+    glibc gives each thread that allocates its own arena (up to 8 per core), and memory freed in
+    one stays there. The service's threads (event loop, decoding, inference, loading, ORT's) then
+    hold memory they no longer use. Measured, 3 rounds of 4 concurrent 10-minute uploads on the
+    default model: 176 MB RSS after, 156 MB with 2 arenas; peak 224 against 214 MB. Call it before
+    threads start (``service.__main__`` does).
+    """
+    if "MALLOC_ARENA_MAX" not in os.environ and _libc is not None and hasattr(_libc, "mallopt"):
+        _libc.mallopt(M_ARENA_MAX, n)
+
+
+def _find_libc() -> Any:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
 
 
-_malloc_trim = _find_malloc_trim()
+_libc = _find_libc()
+_malloc_trim = getattr(_libc, "malloc_trim", None)
 
 
 class Engine:
