@@ -95,64 +95,98 @@ class SpeechFrames:
         return np.asarray(loud & voiced, dtype=bool)
 
 
+class Endpointer:
+    """Push audio block by block; get each utterance back as soon as a pause (or the run limit) ends it.
+
+    The one idea behind both uses: cutting a long upload (``speech_spans``) and, for live audio,
+    deciding when a speaker's turn is over. Span boundaries are multiples of ``align`` samples
+    (the encoder frame), so word times of a span add up to the recording's own. Holds at most
+    ``max_run_s`` of audio, plus a block.
+    """
+
+    def __init__(self, rate: int, cfg: SegmenterConfig, align: int = 1):
+        self.rate, self.cfg, self.align = rate, cfg, align
+        self._detect = SpeechFrames(rate, cfg.aggressiveness)
+        self._pad, self._post = int(cfg.pad_before_s * rate), int(cfg.pad_after_s * rate)
+        self._min_gap = round(cfg.min_silence_s / FRAME_S)
+        self._min_voiced = round(cfg.min_speech_s / FRAME_S)
+        self._max_run = int(cfg.max_run_s * rate)
+        self._buf = np.zeros(0, np.float32)
+        self._buf_start = 0  # recording index of _buf[0]
+        self._pending = np.zeros(0, np.float32)  # samples not yet judged (less than a frame)
+        self._speech_from = -1  # where the current utterance's speech starts; -1: none
+        self._speech_to = 0  # end of its last speech frame
+        self._silent = 0  # frames of non-speech since then
+        self._voiced = 0  # speech frames in the current utterance
+        self.judged = 0  # recording index up to which frames were judged
+
+    @property
+    def in_speech(self) -> bool:
+        """An utterance has started and not yet ended."""
+        return self._speech_from >= 0
+
+    def push(self, block: npt.NDArray[np.float32]) -> list[Span]:
+        """Add samples; return the utterances they end (usually none or one)."""
+        f = self._detect.frame
+        self._buf = np.concatenate([self._buf, block])
+        self._pending = np.concatenate([self._pending, block])
+        n = self._pending.shape[0] // f
+        flags = self._detect(self._pending[: n * f].reshape(n, f))
+        self._pending = self._pending[n * f :]
+        out = []
+        for is_speech in flags:
+            out += self._judge(bool(is_speech), f)
+        if self._speech_from < 0:  # nothing to keep but the padding before the next speech (aligned)
+            keep_from = max(self._buf_start, ((self.judged - self._pad) // self.align - 1) * self.align)
+            self._buf, self._buf_start = self._buf[keep_from - self._buf_start :], keep_from
+        return out
+
+    def flush(self) -> list[Span]:
+        """The end of the audio: the utterance still open, if it holds enough speech."""
+        done = self._speech_from >= 0 and self._voiced >= self._min_voiced
+        out = [self._emit(self._speech_to)] if done else []
+        self._speech_from = -1
+        return out
+
+    def _judge(self, is_speech: bool, f: int) -> list[Span]:
+        out = []
+        if is_speech:
+            if self._speech_from < 0:
+                self._speech_from, self._voiced = self.judged, 0
+            self._speech_to, self._silent, self._voiced = self.judged + f, 0, self._voiced + 1
+        elif self._speech_from >= 0:
+            self._silent += 1
+            if self._silent >= self._min_gap:
+                if self._voiced >= self._min_voiced:
+                    out.append(self._emit(self._speech_to))
+                self._speech_from = -1
+        self.judged += f
+        if self._speech_from >= 0 and self.judged - self._speech_from >= self._max_run:
+            cut = _quietest(self._buf, self._buf_start, self.judged - 10 * self.rate, self.judged, f)
+            out.append(self._emit(cut - self._post))  # the span ends at the quietest frame of its last 10 s
+            self._speech_from = max(cut, self._buf_start)
+        return out
+
+    def _emit(self, end_speech: int) -> Span:
+        a = max(self._buf_start, (max(0, self._speech_from - self._pad) // self.align) * self.align)
+        b = min(self._buf_start + self._buf.shape[0], -(-(end_speech + self._post) // self.align) * self.align)
+        span = Span(
+            a,
+            self._buf[a - self._buf_start : b - self._buf_start].copy(),
+            run=(b - a) > self.cfg.max_segment_s * self.rate,
+        )
+        self._buf, self._buf_start = self._buf[b - self._buf_start :], b
+        return span
+
+
 def speech_spans(
     blocks: Iterator[npt.NDArray[np.float32]], rate: int, cfg: SegmenterConfig, align: int = 1
 ) -> Iterator[Span]:
-    """The speech of a recording, as spans cut at pauses, read block by block.
-
-    Span boundaries are multiples of ``align`` samples (the encoder frame), so word times of a
-    span add up to the recording's own. Holds at most ``max_run_s`` of audio (plus a block).
-    """
-    detect = SpeechFrames(rate, cfg.aggressiveness)
-    f = detect.frame
-    pad, post = int(cfg.pad_before_s * rate), int(cfg.pad_after_s * rate)
-    min_gap = round(cfg.min_silence_s / FRAME_S)
-    max_run = int(cfg.max_run_s * rate)
-    buf = np.zeros(0, np.float32)
-    buf_start = 0  # recording index of buf[0]
-    pending = np.zeros(0, np.float32)  # samples not yet judged (less than a frame)
-    speech_from = -1  # recording index where the current utterance's speech starts; -1: none
-    speech_to = 0  # end of its last speech frame
-    silent = 0  # frames of non-speech since then
-    voiced = 0  # speech frames in the current utterance
-    min_voiced = round(cfg.min_speech_s / FRAME_S)
-    judged = 0  # recording index up to which frames were judged
-
-    def emit(end_speech: int) -> Span:
-        nonlocal buf, buf_start
-        a = max(buf_start, (max(0, speech_from - pad) // align) * align)
-        b = min(buf_start + buf.shape[0], -(-(end_speech + post) // align) * align)
-        span = Span(a, buf[a - buf_start : b - buf_start].copy(), run=(b - a) > cfg.max_segment_s * rate)
-        buf, buf_start = buf[b - buf_start :], b
-        return span
-
+    """The speech of a recording, as spans cut at pauses, read block by block (see ``Endpointer``)."""
+    ep = Endpointer(rate, cfg, align)
     for block in blocks:
-        buf = np.concatenate([buf, block])
-        pending = np.concatenate([pending, block])
-        n = pending.shape[0] // f
-        flags = detect(pending[: n * f].reshape(n, f))
-        pending = pending[n * f :]
-        for is_speech in flags:
-            if is_speech:
-                if speech_from < 0:
-                    speech_from, voiced = judged, 0
-                speech_to, silent, voiced = judged + f, 0, voiced + 1
-            elif speech_from >= 0:
-                silent += 1
-                if silent >= min_gap:
-                    if voiced >= min_voiced:
-                        yield emit(speech_to)
-                    speech_from = -1
-            judged += f
-            if speech_from >= 0 and judged - speech_from >= max_run:
-                cut = _quietest(buf, buf_start, judged - 10 * rate, judged, f)
-                yield emit(cut - post)  # the span ends at the quietest frame of its last 10 s
-                speech_from = max(cut, buf_start)
-        if speech_from < 0:  # nothing to keep but the padding before the next speech (aligned)
-            keep_from = max(buf_start, ((judged - pad) // align - 1) * align)
-            buf, buf_start = buf[keep_from - buf_start :], keep_from
-    if speech_from >= 0 and voiced >= min_voiced:
-        yield emit(speech_to)
+        yield from ep.push(block)
+    yield from ep.flush()
 
 
 def _quietest(buf: npt.NDArray[np.float32], buf_start: int, a: int, b: int, f: int) -> int:
