@@ -192,6 +192,13 @@ def subsampling_params(model: Any) -> dict[str, Any]:
     }
 
 
+def trained_max_duration(model: Any) -> float | None:
+    """The longest utterance the model was trained on (``train_ds.max_duration``), if its config says."""
+    train_ds = getattr(model, "cfg", {}).get("train_ds") or {}
+    value = train_ds.get("max_duration") if hasattr(train_ds, "get") else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
 def write_tokens(model: Any, decoder: Any, name: str, tokens_dir: Path) -> dict[str, Any]:
     """Write tokens/<name>.txt (and tokens/<name>.model for SentencePiece models)."""
     vocab = list(decoder.vocabulary)
@@ -459,7 +466,10 @@ def export(
         ),
         features=FeatureConfig.model_validate(feats),
         encoder=EncoderSection(
-            subsampling=Subsampling.model_validate(sub), frame_shift_s=frame_s, max_audio_s=float(max_audio_s)
+            subsampling=Subsampling.model_validate(sub),
+            frame_shift_s=frame_s,
+            max_audio_s=float(max_audio_s),
+            suited_max_s=trained_max_duration(model),
         ),
         vocabulary=Vocabulary.model_validate(vocab),
         # Not read by the service: training/train.py --init-from models/<name> rebuilds the NeMo

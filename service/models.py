@@ -91,6 +91,7 @@ class Recognizer:
         self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads)
         self.sample_rate = m.features.sample_rate
         self.max_audio_s = m.encoder.max_audio_s or float("inf")
+        self.suited_max_s = m.encoder.suited_max_s or float("inf")
         self.frame_shift_s = m.encoder.frame_shift_s
         # Input samples per encoder frame (feature hop x subsampling factor).
         self.frame_samples = self.features.cfg.hop_length * self.subsampling.factor

@@ -51,6 +51,11 @@ class EncoderSection(_Section):
     subsampling: Subsampling
     frame_shift_s: float = Field(description="seconds per encoder frame (feature hop x subsampling factor)")
     max_audio_s: float | None = Field(None, description="longest input the graph takes in one piece")
+    suited_max_s: float | None = Field(
+        None,
+        description="longest utterance the model was trained on (NeMo's train_ds.max_duration): the service "
+        "recognizes inputs up to this whole and cuts longer ones at pauses",
+    )
 
 
 class Tokenizer(_Section):

@@ -156,8 +156,9 @@ RUN_CONTEXT_S = 4.0  # a run without pauses: windows of max_segment_s with this 
 
 
 def audio_plan(settings: Settings, rec: Recognizer) -> AudioPlan:
-    """How ``rec`` hears long audio under ``settings`` (never longer pieces than its graph takes)."""
-    max_s = min(settings.segment_max_s, rec.max_audio_s)
+    """How ``rec`` hears long audio under ``settings``: pieces no longer than ``ASR_SEGMENT_MAX_S``, the
+    longest utterance the model was trained on (its package's ``suited_max_s``), or what its graph takes."""
+    max_s = min(settings.segment_max_s, rec.suited_max_s, rec.max_audio_s)
     if settings.long_audio == "windows":
         chunk_s, context_s = settings.chunk_s, settings.chunk_context_s
     else:

@@ -144,3 +144,22 @@ def test_the_server_and_the_tools_cut_long_audio_alike(speech_dir: Path, tmp_pat
     assert r.status_code == 200 and body["chunks"] == pieces
     assert body["text"] == local.text and len(local.text.split()) > 150
     assert [(w["word"], w["start"]) for w in body["words"]] == [(w.word, w.start) for w in local.words]
+
+
+def test_a_package_bounds_its_pieces_by_what_it_was_trained_on(tmp_path: Path) -> None:
+    """``suited_max_s`` (train_ds.max_duration at export) caps the pieces below ASR_SEGMENT_MAX_S."""
+    import shutil
+
+    from service.models import ModelPackage, Recognizer
+    from service.package import Manifest
+    from service.pipeline import audio_plan
+
+    settings = Settings()
+    shutil.copytree(settings.model_dir / DEFAULT, tmp_path / DEFAULT)
+    m = Manifest.read(tmp_path / DEFAULT)
+    assert m.encoder.suited_max_s == 20.0  # the default model's training_config.yaml: train_ds.max_duration
+    m.model_copy(update={"encoder": m.encoder.model_copy(update={"suited_max_s": 8.0})}).write(tmp_path / DEFAULT)
+    rec = Recognizer(ModelPackage.open(tmp_path, settings.tokens_dir, DEFAULT))
+    plan = audio_plan(settings, rec)
+    assert plan.segments.max_segment_s == 8.0 and plan.short_max == 8 * 16000
+    assert audio_plan(Settings(segment_max_s=5), rec).segments.max_segment_s == 5  # the smaller bound wins
