@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,9 +19,6 @@ from service.decoding import SEGMENT_PAUSE_S, Detokenizer, FramePath, Word, ctc_
 from service.engine import Device, Engine
 from service.features import FeatureExtractor, NormStats
 from service.package import MANIFEST_FILE, Manifest, PackageError, list_packages, sha256_file
-
-if TYPE_CHECKING:
-    from service.pipeline import Utterance
 
 
 @dataclass(frozen=True)
@@ -56,6 +53,14 @@ class ModelPackage:
 
     def summary(self) -> dict[str, Any]:
         return {**self.manifest.summary(), "name": self.name}
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """The best path of one stretch of speech, and where it starts in the recording (encoder frames)."""
+
+    offset: int
+    path: FramePath
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,6 @@ class Manifest(_Section):
         path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
-    @property
-    def is_sentencepiece(self) -> bool:
-        return self.vocabulary.tokenizer.type == "sentencepiece"
-
     def summary(self) -> dict[str, Any]:
         """What ``/stats`` shows of a loaded model."""
         return {

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +35,7 @@ from service.errors import ClientError
 from service.features import FeatureExtractor, NormStats
 from service.longform import ChunkPlan, scan, windows
 from service.metrics import Metrics
-from service.models import Recognizer, Transcript
+from service.models import Recognizer, Transcript, Utterance
 from service.registry import ModelEntry, ModelRegistry
 from service.scheduler import Scheduler
 from service.segmenter import SegmenterConfig, has_speech, speech_spans
@@ -54,14 +54,6 @@ class Piece:
     stats: NormStats | None  # a long recording's normalization (whole-recording statistics)
 
 
-@dataclass(frozen=True)
-class Utterance:
-    """The best path of one stretch of speech, and where it starts in the recording (encoder frames)."""
-
-    offset: int
-    path: FramePath
-
-
 PieceDriver = Generator[Piece, FramePath, list[Utterance]]
 
 
@@ -69,19 +61,12 @@ PieceDriver = Generator[Piece, FramePath, list[Utterance]]
 class AudioPlan:
     """How a recording is cut into pieces: the settings, fitted to one model."""
 
-    mode: str  # "segments" or "windows"
+    mode: Literal["segments", "windows"]
     segments: SegmenterConfig
     windows: ChunkPlan  # windows mode: the whole recording; segments mode: a run without pauses
     speech_gate: bool
     rate: int
     frame_samples: int
-
-    @property
-    def short_max(self) -> int:
-        """Longest input (samples) recognized whole, exactly as NeMo would."""
-        if self.mode == "windows":
-            return self.windows.single_max
-        return int(self.segments.max_segment_s * self.rate)
 
 
 def plan_pieces(blocks: Blocks, plan: AudioPlan, features: FeatureExtractor) -> PieceDriver:
@@ -101,7 +86,7 @@ def plan_pieces(blocks: Blocks, plan: AudioPlan, features: FeatureExtractor) -> 
         for w in windows(blocks(), plan.windows):
             parts.append(w.keep((yield Piece(w.samples, first.stats))))
         return [Utterance(0, FramePath.concat(parts))]
-    head, rest = _head(blocks(), plan.short_max)
+    head, rest = _head(blocks(), int(plan.segments.max_segment_s * plan.rate))
     if rest is None:
         return (yield from _whole(head, plan))
     utterances = []

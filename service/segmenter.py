@@ -64,10 +64,6 @@ class Span:
     samples: npt.NDArray[np.float32]
     run: bool  # longer than max_segment_s: recognize in overlapping windows
 
-    @property
-    def end(self) -> int:
-        return self.start + int(self.samples.shape[0])
-
 
 class SpeechFrames:
     """Speech or not, per frame of ``FRAME_S``, for a recording fed block by block."""

@@ -5,6 +5,7 @@ the inference threads. Runs on the committed default model (no NeMo)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,9 +158,42 @@ def test_a_package_bounds_its_pieces_by_what_it_was_trained_on(tmp_path: Path) -
     settings = Settings()
     shutil.copytree(settings.model_dir / DEFAULT, tmp_path / DEFAULT)
     m = Manifest.read(tmp_path / DEFAULT)
-    assert m.encoder.suited_max_s == 20.0  # the default model's training_config.yaml: train_ds.max_duration
+    config = (settings.model_dir / DEFAULT / "training_config.yaml").read_text()
+    trained = re.search(r"^train_ds:\n(?:  .*\n)*?  max_duration: ([0-9.]+)$", config, re.MULTILINE)
+    assert trained and m.encoder.suited_max_s == float(trained.group(1))  # what the model was trained on
     m.model_copy(update={"encoder": m.encoder.model_copy(update={"suited_max_s": 8.0})}).write(tmp_path / DEFAULT)
     rec = Recognizer(ModelPackage.open(tmp_path, settings.tokens_dir, DEFAULT))
     plan = audio_plan(settings, rec)
-    assert plan.segments.max_segment_s == 8.0 and plan.short_max == 8 * 16000
+    assert plan.segments.max_segment_s == 8.0
     assert audio_plan(Settings(segment_max_s=5), rec).segments.max_segment_s == 5  # the smaller bound wins
+
+
+def test_samples_and_uploads_take_the_same_path(app: FastAPI, speech_dir: Path) -> None:
+    """``Pipeline.transcribe_samples`` (audio already decoded: the seam for live audio) gives the
+    upload's transcript and words for the same samples, and counts as a request of its own."""
+    import functools
+    import io
+
+    import soundfile as sf
+
+    from service.audio import read_audio
+
+    x = read_audio(sorted(speech_dir.glob("speech_*.wav"))[3], 16000)[0]
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, subtype="FLOAT", format="WAV")
+    with TestClient(app) as client:
+        for _ in range(100):
+            if client.get("/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        upload = client.post(
+            "/transcribe", files={"file": ("a.wav", buf.getvalue())}, data={"response_format": "verbose_json"}
+        ).json()
+        state = app.state.service
+        call = functools.partial(state.pipeline.transcribe_samples, state.registry.entries[DEFAULT], x, timeout_s=30)
+        out = client.portal.call(call)  # type: ignore[union-attr]
+        ok = client.get("/stats").json()["models"][DEFAULT]["requests"]["ok"]
+    assert out.transcript.text == upload["text"] and out.transcript.text
+    assert [(w.word, w.start) for w in out.transcript.words] == [(w["word"], w["start"]) for w in upload["words"]]
+    assert out.info.format == "RAW" and out.duration_s == pytest.approx(upload["duration_s"], abs=1e-3)
+    assert ok == 2
