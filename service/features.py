@@ -198,6 +198,16 @@ class FeatureExtractor:
             x = np.pad(x, self._stft_pad, mode="reflect" if reflect else "constant")
 
         frames = np.lib.stride_tricks.sliding_window_view(x, c.n_fft)[:: c.hop_length][:n_valid]
+        return self.frames_to_log_mel(frames)
+
+    def frames_to_log_mel(self, frames: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Log-mel columns [n_mels, n] of ``frames`` [n, n_fft]: pre-emphasized, padded samples.
+
+        The per-frame half of ``log_mel``, shared with live audio
+        (``service.live.features.IncrementalLogMel``), which cuts its frames as samples arrive.
+        """
+        c = self.cfg
+        n_valid = frames.shape[0]
         feats = np.empty((c.n_mels, n_valid), dtype=np.float32)
         for start in range(0, n_valid, _BLOCK_FRAMES):
             block = frames[start : start + _BLOCK_FRAMES] * self._window
