@@ -32,6 +32,8 @@ from service.metrics import Metrics
 from service.middleware import MULTIPART_OVERHEAD, TRANSCRIBE_PATHS, Admission, ApiKeys, BodyLimit, RequestLog
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
+from service.live import page, realtime
+from service.live.hub import LiveHub
 from service.routes import native, openai, ops
 from service.routes.deps import ServiceState
 
@@ -95,7 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # by all models. Loading has its own thread (the registry's), decoding its own (the pipeline's).
     infer_pool = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="asr-infer")
     registry = ModelRegistry(settings, metrics, infer_pool)
-    state = ServiceState(settings, metrics, registry, Pipeline(settings, registry, metrics))
+    pipeline = Pipeline(settings, registry, metrics)
+    state = ServiceState(settings, metrics, registry, pipeline, LiveHub(settings, registry, pipeline, metrics))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         # uvicorn has stopped accepting and let in-flight requests finish (ASR_SHUTDOWN_TIMEOUT_S).
         loader.cancel()
+        await state.live.stop()
         await registry.stop()
         infer_pool.shutdown(wait=True, cancel_futures=True)
         state.pipeline.close()
@@ -118,6 +122,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     add_middleware(app, state)
-    for router in (native.router, openai.router, ops.router):
+    for router in (native.router, openai.router, ops.router, realtime.router, page.router):
         app.include_router(router)
     return app

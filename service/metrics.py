@@ -88,8 +88,53 @@ class Metrics:
         self._in_progress = Gauge(
             "asr_requests_in_progress", "Admitted requests: uploading, queued or computing", ["model"], registry=r
         )
+        # Live sessions (service.live): streams open, refusals, step and final latencies.
+        self.streams_active = Gauge("asr_streams_active", "Live sessions open now", registry=r)
+        self._streams = PromCounter(
+            "asr_streams", "Live sessions by surface and outcome (ok, refused, error)", ["surface", "outcome"], registry=r
+        )
+        self._step_wait = Histogram(
+            "asr_stream_step_wait_seconds", "Time a live step waited for its batch, and ran", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._step_batch = Histogram(
+            "asr_stream_step_batch_size", "Live steps per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self._final = Histogram(
+            "asr_stream_final_seconds", "Time from a live turn's end to its completed transcript", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.live: Counter[str] = Counter()
+        self.step_wait: deque[float] = deque(maxlen=RECENT)
+        self.final_latency: deque[float] = deque(maxlen=RECENT)
         self._lock = threading.Lock()
         self._models: dict[str, _ModelFigures] = {}
+
+    def stream(self, surface: str, outcome: str) -> None:
+        self._streams.labels(surface, outcome).inc()
+        with self._lock:
+            self.live[outcome] += 1
+
+    def step_batch(self, model: str, steps: int, compute_s: float, wait_s: float) -> None:
+        self._step_batch.labels(model).observe(steps)
+        self._step_wait.labels(model).observe(wait_s)
+        with self._lock:
+            self.step_wait.append(wait_s)
+
+    def final(self, model: str, latency_s: float) -> None:
+        self._final.labels(model).observe(latency_s)
+        with self._lock:
+            self.final_latency.append(latency_s)
+
+    def live_snapshot(self, active: int, capacity: int) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "active": active,
+                "capacity": capacity,
+                "sessions": dict(self.live),
+                "step_wait_ms": _percentiles(self.step_wait),
+                "final_ms": _percentiles(self.final_latency),
+            }
 
     def _fig(self, model: str) -> _ModelFigures:
         if model not in self._models:

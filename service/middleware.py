@@ -124,6 +124,9 @@ class Admission:
             self.gate.release()
 
 
+WS_KEY_PREFIX = "openai-insecure-api-key."
+
+
 class ApiKeys:
     """With keys configured, every request but the public pages (and probes) needs ``Bearer <key>``."""
 
@@ -140,7 +143,30 @@ class ApiKeys:
             or (path.startswith(OPEN_PATHS) and not self.protect_probes)
         )
 
+    def _valid(self, token: str) -> bool:
+        # Compare with every key in constant time, so timing does not reveal a key's prefix.
+        return any([hmac.compare_digest(token.strip().encode(), k) for k in self.keys])
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """WebSockets: the Bearer header (SDKs), or OpenAI's browser subprotocol
+        ``openai-insecure-api-key.<key>`` (browsers cannot set headers). Refused: HTTP 403."""
+        headers = Headers(scope=scope)
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = ""
+        for proto in headers.get("sec-websocket-protocol", "").split(","):
+            if proto.strip().startswith(WS_KEY_PREFIX):
+                token = token or proto.strip()[len(WS_KEY_PREFIX) :]
+        if token and self._valid(token):
+            await self.app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008, "reason": "missing or invalid API key"})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self.keys:
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http" or self._open(scope):
             await self.app(scope, receive, send)
             return
@@ -154,8 +180,7 @@ class ApiKeys:
                 {"WWW-Authenticate": "Bearer"},
             )
             return await refuse(err, scope, receive, send)
-        # Compare with every key in constant time, so timing does not reveal a key's prefix.
-        if not any([hmac.compare_digest(token.strip().encode(), k) for k in self.keys]):
+        if not self._valid(token):
             return await refuse(
                 ClientError(403, "invalid_api_key", "the API key is not valid", "Authorization"), scope, receive, send
             )

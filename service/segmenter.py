@@ -61,8 +61,9 @@ class Span:
     """Samples ``[start, end)`` of the recording that hold speech, and the samples themselves."""
 
     start: int
-    samples: npt.NDArray[np.float32]
+    samples: npt.NDArray[np.float32]  # empty when the Endpointer keeps no audio (live turns)
     run: bool  # longer than max_segment_s: recognize in overlapping windows
+    end: int = 0  # recording index after the span's last sample
 
 
 class SpeechFrames:
@@ -97,11 +98,12 @@ class Endpointer:
     The one idea behind both uses: cutting a long upload (``speech_spans``) and, for live audio,
     deciding when a speaker's turn is over. Span boundaries are multiples of ``align`` samples
     (the encoder frame), so word times of a span add up to the recording's own. Holds at most
-    ``max_run_s`` of audio, plus a block.
+    ``max_run_s`` of audio, plus a block; with ``keep_audio=False`` (live turns, whose audio
+    the caller streams on) only the ``pad_before_s`` of audio a turn starts with.
     """
 
-    def __init__(self, rate: int, cfg: SegmenterConfig, align: int = 1):
-        self.rate, self.cfg, self.align = rate, cfg, align
+    def __init__(self, rate: int, cfg: SegmenterConfig, align: int = 1, keep_audio: bool = True):
+        self.rate, self.cfg, self.align, self.keep_audio = rate, cfg, align, keep_audio
         self._detect = SpeechFrames(rate, cfg.aggressiveness)
         self._pad, self._post = int(cfg.pad_before_s * rate), int(cfg.pad_after_s * rate)
         self._min_gap = round(cfg.min_silence_s / FRAME_S)
@@ -132,10 +134,23 @@ class Endpointer:
         out = []
         for is_speech in flags:
             out += self._judge(bool(is_speech), f)
-        if self._speech_from < 0:  # nothing to keep but the padding before the next speech (aligned)
+        if self._speech_from < 0 or not self.keep_audio:  # keep only the padding before speech (aligned)
             keep_from = max(self._buf_start, ((self.judged - self._pad) // self.align - 1) * self.align)
+            if self._speech_from >= 0:
+                keep_from = min(keep_from, self.turn_start)
             self._buf, self._buf_start = self._buf[keep_from - self._buf_start :], keep_from
         return out
+
+    @property
+    def turn_start(self) -> int:
+        """Where the utterance in progress starts, its padding included (aligned); -1: none."""
+        if self._speech_from < 0:
+            return -1
+        return max(self._buf_start, (max(0, self._speech_from - self._pad) // self.align) * self.align)
+
+    def audio_from(self, start: int) -> npt.NDArray[np.float32]:
+        """The audio held from recording index ``start`` (at or after the oldest sample held) on."""
+        return self._buf[max(0, start - self._buf_start) :]
 
     def flush(self) -> list[Span]:
         """The end of the audio: the utterance still open, if it holds enough speech."""
@@ -165,12 +180,16 @@ class Endpointer:
 
     def _emit(self, end_speech: int) -> Span:
         a = max(self._buf_start, (max(0, self._speech_from - self._pad) // self.align) * self.align)
-        b = min(self._buf_start + self._buf.shape[0], -(-(end_speech + self._post) // self.align) * self.align)
+        b = -(-(end_speech + self._post) // self.align) * self.align
+        if self.keep_audio:
+            b = min(self._buf_start + self._buf.shape[0], b)
         span = Span(
             a,
-            self._buf[a - self._buf_start : b - self._buf_start].copy(),
+            self._buf[a - self._buf_start : b - self._buf_start].copy() if self.keep_audio else self._buf[:0],
             run=(b - a) > self.cfg.max_segment_s * self.rate,
+            end=b,
         )
+        b = min(b, self._buf_start + self._buf.shape[0])  # (live turns may end past the audio held)
         self._buf, self._buf_start = self._buf[b - self._buf_start :], b
         return span
 

@@ -15,6 +15,7 @@ from fastapi import Depends, Form, Request, UploadFile
 from service.audio import RawFormat
 from service.config import Settings
 from service.http import request_timeout_s
+from service.live.hub import LiveHub
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
@@ -28,6 +29,7 @@ class ServiceState:
     metrics: Metrics
     registry: ModelRegistry
     pipeline: Pipeline
+    live: LiveHub
     draining: bool = False  # set on SIGTERM (service.__main__): readiness goes 503
 
 

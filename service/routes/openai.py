@@ -17,7 +17,7 @@ from service.decoding import segment_words
 from service.errors import ClientError
 from service.formats import segment_dict, word_dict
 from service.pipeline import Outcome
-from service.registry import ModelEntry
+from service.registry import ModelEntry, ModelRegistry
 from service.routes.common import (
     FILE_DOC,
     MISSING_FILE,
@@ -32,6 +32,14 @@ from service.routes.schemas import ERROR_RESPONSES, ErrorBody
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 OPENAI_MODEL_PREFIXES = ("whisper", "gpt-")  # names OpenAI clients send; they mean "the default"
+
+
+def served_model(registry: ModelRegistry, model: str | None) -> str | None:
+    """The package an OpenAI client's model name asks for: OpenAI's own names (unless a package
+    has one) mean none in particular, i.e. by language, else the default. The Realtime route too."""
+    if model and (model in registry.entries or not model.startswith(OPENAI_MODEL_PREFIXES)):
+        return model
+    return None
 
 
 def model_card(e: ModelEntry, created: int) -> dict[str, Any]:
@@ -114,8 +122,7 @@ async def create_transcription(
     grans = check_granularities(timestamp_granularities)
     if file is None:
         raise ClientError(400, "missing_file", MISSING_FILE)
-    served = model if model and (model in registry.entries or not model.startswith(OPENAI_MODEL_PREFIXES)) else None
-    entry = pick_model(request, registry, served, language)
+    entry = pick_model(request, registry, served_model(registry, model), language)
     o = await transcribe_upload(request, pipeline, entry, file, raw.for_upload(file), timeout_s)
     log_outcome(request, o)
     return render(o, fmt, lambda out, verbose: openai_body(out, verbose, grans))
