@@ -28,12 +28,13 @@ from service import __version__
 from service.config import Settings
 from service.errors import ClientError, InternalError, ServiceError
 from service.http import error_response
+from service.live import page, realtime
+from service.live.hub import LiveHub
+from service.live.wyoming import WyomingServer
 from service.metrics import Metrics
 from service.middleware import MULTIPART_OVERHEAD, TRANSCRIBE_PATHS, Admission, ApiKeys, BodyLimit, RequestLog
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
-from service.live import page, realtime
-from service.live.hub import LiveHub
 from service.routes import native, openai, ops
 from service.routes.deps import ServiceState
 
@@ -103,7 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(registry.start())
+        wyoming = WyomingServer(state.live, settings.host, settings.wyoming_port) if settings.wyoming_port else None
+        if wyoming is not None:
+            await wyoming.start()
         yield
+        if wyoming is not None:
+            await wyoming.stop()
         # uvicorn has stopped accepting and let in-flight requests finish (ASR_SHUTDOWN_TIMEOUT_S).
         loader.cancel()
         await state.live.stop()

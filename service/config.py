@@ -109,7 +109,9 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
     # Live transcription (service.live): OpenAI Realtime over WebSocket, Wyoming over TCP, /live page.
     stream_max: int = Field(32, ge=1, description="Live sessions open at once, server-wide; beyond: refused")
-    stream_preset: Literal["fast", "balanced", "accurate"] = Field("balanced", description="Live latency/accuracy preset")
+    stream_preset: Literal["fast", "balanced", "accurate"] = Field(
+        "balanced", description="Live latency/accuracy preset"
+    )
     stream_final: Literal["offline", "stream"] = Field(
         "offline", description="A live turn's completed text: offline recognition of the turn, or the stream's own"
     )
@@ -118,7 +120,9 @@ class Settings(BaseSettings):
     stream_max_message_mb: float = Field(
         2.0, gt=0, description="Largest live message (a WebSocket message or a Wyoming event); beyond: closed"
     )
-    wyoming_port: int = Field(0, ge=0, le=65535, description="TCP port for the Wyoming server (0 = off; 10300 is usual)")
+    wyoming_port: int = Field(
+        0, ge=0, le=65535, description="TCP port for the Wyoming server (0 = off; 10300 is usual)"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated keys; when set, requests need Authorization: Bearer KEY"
     )

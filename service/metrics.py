@@ -91,14 +91,21 @@ class Metrics:
         # Live sessions (service.live): streams open, refusals, step and final latencies.
         self.streams_active = Gauge("asr_streams_active", "Live sessions open now", registry=r)
         self._streams = PromCounter(
-            "asr_streams", "Live sessions by surface and outcome (ok, refused, error)", ["surface", "outcome"], registry=r
+            "asr_streams",
+            "Live sessions by surface and outcome (ok, refused, error)",
+            ["surface", "outcome"],
+            registry=r,
         )
         self._step_wait = Histogram(
             "asr_stream_step_wait_seconds", "Time a live step waited for its batch, and ran", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._step_batch = Histogram(
-            "asr_stream_step_batch_size", "Live steps per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "asr_stream_step_batch_size",
+            "Live steps per batch",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
         )
         self._final = Histogram(
             "asr_stream_final_seconds", "Time from a live turn's end to its completed transcript", ["model"],

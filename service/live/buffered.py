@@ -2,15 +2,18 @@
 
 NeMo's recipe (``speech_to_text_buffered_infer_ctc.py`` -> ``FrameBatchASR``): log-mel features
 of the signal (not normalized) are cut into chunks of ``chunk_s``; each chunk enters a feature
-buffer of ``buffer_s`` (initially filled with zeros, see below) that is
-normalized over itself (per mel band, mean and population std + 1e-5) and run through the
-encoder. (NeMo means to fill the initial buffer with the log-mel of silence, -16.635, but
-tests ``hasattr(asr_model.preprocessor, "log")``, which is false for its mel preprocessor: the
-fill is 0.0. ``fill=NEMO_FILL`` reproduces that; the service fills with silence.) Of each step's output frames, ``tokens_per_chunk`` frames ending ``delay`` frames before
-the buffer's end are kept; greedy CTC over the kept frames of all steps is the transcript. At
-the end the signal is padded with ``delay`` frames' worth of zeros, and the last, partial chunk
-is completed with zero features. Each step of every stream has the same shape, so steps of
-many streams batch without padding (``service.live.batcher``).
+buffer of ``buffer_s`` (initially filled, see below) that is normalized over itself (per mel
+band, mean and population std + 1e-5) and run through the encoder. Of each step's output
+frames, ``tokens_per_chunk`` frames ending ``delay`` frames before the buffer's end are kept;
+greedy CTC over the kept frames of all steps is the transcript. At the end the signal is padded
+with ``delay`` frames' worth of zeros, and the last, partial chunk is completed with zero
+features. Each step of every stream has the same shape, so steps of many streams batch
+without padding (``service.live.batcher``).
+
+The initial fill: NeMo means the log-mel of silence (-16.635), but tests
+``hasattr(asr_model.preprocessor, "log")``, which is false for its mel preprocessor, and so
+fills with 0.0. ``fill=NEMO_FILL`` reproduces that (the parity test); the service fills with
+silence (``SILENCE_FILL``), which is what NeMo meant and recognizes better.
 
 The kept frames are final. The frames after them (the right context) are the *tail*: their
 labels are provisional, shown as a partial and replaced by the next step.
@@ -110,7 +113,9 @@ class Geometry:
         stride = c.window_stride_s or c.hop_length / c.sample_rate
         g = cls(preset.chunk_s, preset.buffer_s, stride, stride * subsampling_factor, c.sample_rate)
         if g.chunk_frames < 1 or g.buffer_frames < g.chunk_frames:
-            raise ValueError(f"preset {preset.name}: the buffer ({preset.buffer_s} s) must hold the chunk ({preset.chunk_s} s)")
+            raise ValueError(
+                f"preset {preset.name}: the buffer ({preset.buffer_s} s) must hold the chunk ({preset.chunk_s} s)"
+            )
         return g
 
 
@@ -170,7 +175,7 @@ class BufferedCtcStream:
 
     def _chunks(self, feats: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
         self._pending = np.concatenate([self._pending, feats], axis=1) if self._pending.shape[1] else feats
-        out = []
+        out: list[npt.NDArray[np.float32]] = []
         while True:
             n = int(self._start + self.g.chunk_frames_f) - self._start
             if self._pending.shape[1] < n:

@@ -17,6 +17,8 @@ from service.models import Recognizer
 from service.pipeline import Pipeline
 from service.registry import ModelEntry, ModelRegistry
 
+VAD_TURNS = TurnDetection()
+
 
 class LiveHub:
     def __init__(self, settings: Settings, registry: ModelRegistry, pipeline: Pipeline, metrics: Metrics):
@@ -54,7 +56,7 @@ class LiveHub:
         emit: Emit,
         *,
         preset: str | None = None,
-        turns: TurnDetection | None = TurnDetection(),
+        turns: TurnDetection | None = VAD_TURNS,
         provisional: bool = False,
     ) -> AsyncIterator[LiveSession]:
         """A live session on ``entry``'s model (loaded if needed, and kept loaded while it runs)."""

@@ -140,14 +140,24 @@ class Config:
             if fmt is not None:
                 enc = {"pcm16": "pcm16", "g711_ulaw": "ulaw", "g711_alaw": "alaw"}.get(fmt)
                 if enc is None:
-                    raise ClientError(400, "invalid_value", f"input_audio_format {fmt!r}: use pcm16, g711_ulaw or g711_alaw", "session.input_audio_format")
+                    raise ClientError(
+                        400,
+                        "invalid_value",
+                        f"input_audio_format {fmt!r}: use pcm16, g711_ulaw or g711_alaw",
+                        "session.input_audio_format",
+                    )
                 self.encoding, self.rate = enc, 24000 if enc == "pcm16" else 8000  # type: ignore[assignment]
             self._transcription(s.get("input_audio_transcription"), "session.input_audio_transcription")
             if "turn_detection" in s:
                 self._turns(s["turn_detection"], "session.turn_detection")
         else:
             if s.get("type", "transcription") != "transcription":
-                raise ClientError(400, "invalid_value", "this server serves transcription sessions only (session.type: 'transcription')", "session.type")
+                raise ClientError(
+                    400,
+                    "invalid_value",
+                    "this server serves transcription sessions only (session.type: 'transcription')",
+                    "session.type",
+                )
             audio_in = (s.get("audio") or {}).get("input") or {}
             if not isinstance(audio_in, dict):
                 raise ClientError(400, "invalid_type", "session.audio.input must be an object", "session.audio.input")
@@ -162,17 +172,32 @@ class Config:
 
     def _format(self, fmt: Any) -> None:
         if not isinstance(fmt, dict):
-            raise ClientError(400, "invalid_type", "format must be an object like {'type': 'audio/pcm', 'rate': 24000}", "session.audio.input.format")
+            raise ClientError(
+                400,
+                "invalid_type",
+                "format must be an object like {'type': 'audio/pcm', 'rate': 24000}",
+                "session.audio.input.format",
+            )
         t = fmt.get("type", "audio/pcm")
         if t == "audio/pcm":
             rate = fmt.get("rate", 24000)
             if not isinstance(rate, int) or not 8000 <= rate <= 48000:
-                raise ClientError(400, "invalid_value", f"rate {rate!r}: give a sample rate in Hz, 8000-48000 (OpenAI sends 24000)", "session.audio.input.format.rate")
+                raise ClientError(
+                    400,
+                    "invalid_value",
+                    f"rate {rate!r}: give a sample rate in Hz, 8000-48000 (OpenAI sends 24000)",
+                    "session.audio.input.format.rate",
+                )
             self.encoding, self.rate = "pcm16", rate
         elif t in ("audio/pcmu", "audio/pcma"):
             self.encoding, self.rate = ("ulaw" if t == "audio/pcmu" else "alaw"), 8000
         else:
-            raise ClientError(400, "invalid_value", f"audio format {t!r}: use audio/pcm, audio/pcmu or audio/pcma", "session.audio.input.format.type")
+            raise ClientError(
+                400,
+                "invalid_value",
+                f"audio format {t!r}: use audio/pcm, audio/pcmu or audio/pcma",
+                "session.audio.input.format.type",
+            )
 
     def _transcription(self, t: Any, param: str) -> None:
         if t is None:
@@ -214,7 +239,11 @@ async def realtime(ws: WebSocket) -> None:
     sender = asyncio.create_task(_send_loop(ws, outbox))
     try:
         if intent not in (None, "transcription"):
-            raise Refused("invalid_intent", f"intent={intent!r}: this server serves transcription sessions only (intent=transcription)", 1008)
+            raise Refused(
+                "invalid_intent",
+                f"intent={intent!r}: this server serves transcription sessions only (intent=transcription)",
+                1008,
+            )
         try:
             hub.admit("realtime")
         except ServiceError as e:
@@ -256,7 +285,9 @@ async def _send_loop(ws: WebSocket, outbox: asyncio.Queue[dict[str, Any] | None]
             await ws.send_text(json.dumps(ev, ensure_ascii=False))
 
 
-async def _close(ws: WebSocket, outbox: asyncio.Queue[dict[str, Any] | None], sender: asyncio.Task[None], code: int, reason: str) -> None:
+async def _close(
+    ws: WebSocket, outbox: asyncio.Queue[dict[str, Any] | None], sender: asyncio.Task[None], code: int, reason: str
+) -> None:
     with contextlib.suppress(asyncio.QueueFull):
         outbox.put_nowait(None)
     try:
@@ -331,7 +362,11 @@ async def _read_loop(
             _put(outbox, error_event("invalid_event", "binary messages are not accepted: send JSON text events"))
             continue
         if len(text) > max_bytes:
-            raise Refused("message_too_large", f"a message of {len(text)} bytes exceeds {max_bytes} (ASR_STREAM_MAX_MESSAGE_MB)", 1009)
+            raise Refused(
+                "message_too_large",
+                f"a message of {len(text)} bytes exceeds {max_bytes} (ASR_STREAM_MAX_MESSAGE_MB)",
+                1009,
+            )
         try:
             ev = json.loads(text)
         except json.JSONDecodeError as e:
@@ -345,7 +380,9 @@ async def _read_loop(
             if etype == "input_audio_buffer.append":
                 data = ev.get("audio")
                 if not isinstance(data, str):
-                    raise ClientError(400, "invalid_value", "input_audio_buffer.append needs 'audio': base64 audio bytes", "audio")
+                    raise ClientError(
+                        400, "invalid_value", "input_audio_buffer.append needs 'audio': base64 audio bytes", "audio"
+                    )
                 try:
                     raw = base64.b64decode(data, validate=True)
                 except (binascii.Error, ValueError):
@@ -356,11 +393,17 @@ async def _read_loop(
                     raise ClientError(400, "invalid_audio", str(e), "audio") from None
                 await live.append(x)
                 if live.samples_in > max_samples:
-                    raise Refused("session_expired", "the session reached its maximum length (ASR_STREAM_MAX_SESSION_S)", 1008)
+                    raise Refused(
+                        "session_expired", "the session reached its maximum length (ASR_STREAM_MAX_SESSION_S)", 1008
+                    )
             elif etype == "input_audio_buffer.commit":
                 if live.pending_samples < MIN_COMMIT_MS * live.rate // 1000:
                     got = live.pending_samples * 1000 / live.rate
-                    raise ClientError(400, "input_audio_buffer_commit_empty", f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, got {got:.0f} ms")
+                    raise ClientError(
+                        400,
+                        "input_audio_buffer_commit_empty",
+                        f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, got {got:.0f} ms",
+                    )
                 await live.commit()
             elif etype == "input_audio_buffer.clear":
                 live.clear()
@@ -383,7 +426,9 @@ async def _read_loop(
                 live.set_turn_detection(cfg.turns)
                 _put(outbox, {"type": reply, "event_id": event_id(), "session": cfg.session(sid)})
             else:
-                raise ClientError(400, "unknown_event", f"event type {etype!r} is not supported by this transcription server", "type")
+                raise ClientError(
+                    400, "unknown_event", f"event type {etype!r} is not supported by this transcription server", "type"
+                )
         except ClientError as e:
             _put(outbox, error_event(e.code, e.message, e.param, eid))
 

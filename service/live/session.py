@@ -24,7 +24,6 @@ default model, bench/streaming.py). ``final="stream"`` ends with the stream's ow
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -82,7 +81,9 @@ class StreamGate:
         if self.active >= self.capacity:
             self.refused += 1
             raise ServiceUnavailable(
-                "too_many_streams", f"{self.active} live sessions are open (ASR_STREAM_MAX={self.capacity}); retry later", 5
+                "too_many_streams",
+                f"{self.active} live sessions are open (ASR_STREAM_MAX={self.capacity}); retry later",
+                5,
             )
         self.active += 1
         self.opened += 1
@@ -235,7 +236,9 @@ class LiveSession:
             delta, t.sent = text[len(t.sent) :], text
             await self.emit(LiveEvent("delta", t.item, delta))
         if self.provisional:
-            await self.emit(LiveEvent("provisional", t.item, self.rec.detokenize(t.stream.ids + t.stream.provisional_ids())))
+            await self.emit(
+                LiveEvent("provisional", t.item, self.rec.detokenize(t.stream.ids + t.stream.provisional_ids()))
+            )
 
     async def end_turn(self) -> None:
         """Finish the turn in progress: committed, then its last deltas and completed."""
