@@ -9,9 +9,10 @@ browser page). It is cut into *turns* (one utterance each, OpenAI's conversation
 * manual: the client says where turns end (``input_audio_buffer.commit``, Wyoming's
   ``audio-stop``).
 
-Either way two rules on the stream's own CTC output end a turn as sherpa-onnx's endpoint rules
-do: a run of blank frames after decoded text (``blank_end_s``; for noise the VAD takes for
-speech) and a maximum turn length (``max_turn_s``; bounds what a turn holds).
+Two rules on the stream's own CTC output end a turn as sherpa-onnx's endpoint rules do: a
+maximum turn length (``max_turn_s``; bounds what a turn holds, in both modes) and, with server
+VAD, a run of blank frames after decoded text (``blank_end_s``: for noise the VAD takes for
+speech).
 
 While a turn runs, its audio goes through a buffered CTC stream (``service.live.buffered``);
 text that the stream's kept frames make final goes out as *deltas* (append-only), the right
@@ -225,6 +226,8 @@ class LiveSession:
     def _rule_ends(self, t: _Turn) -> bool:
         if t.samples >= self.rules.max_turn_s * self.rate:
             return True
+        if self._vad is None:  # the client ends turns: only the length limit applies
+            return False
         blank_s = t.stream.trailing_blanks * self.geometry.model_stride_s
         return bool(t.stream.ids) and blank_s >= self.rules.blank_end_s
 
