@@ -258,6 +258,9 @@ class LiveSession:
             text = self.rec.detokenize(t.stream.ids)
         else:
             text = (await self.offline_text(audio)).strip()
+            if text.startswith(t.sent) and len(text) > len(t.sent):  # deltas add up to the final text
+                delta, t.sent = text[len(t.sent) :], text
+                await self.emit(LiveEvent("delta", t.item, delta))
         if self.on_final_latency:
             self.on_final_latency(time.monotonic() - t.stopped_at)
         await self.emit(LiveEvent("completed", t.item, text, seconds=audio.shape[0] / self.rate))

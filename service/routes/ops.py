@@ -21,7 +21,9 @@ ENDPOINTS = {
     "GET /v1/models": "OpenAI-compatible model list",
     "GET /health": "readiness: 200 when the default model is loaded and warmed up, else 503 with a reason",
     "GET /health/live": "liveness: 200 while the process serves requests",
-    "GET /stats": "per-model requests, queue, latency percentiles, batch sizes, RTF; RSS, uptime",
+    "GET /stats": "per-model requests, queue, latency percentiles, batch sizes, RTF; live sessions; RSS, uptime",
+    "WS /v1/realtime": "OpenAI Realtime API transcription sessions (live audio, words as they are spoken)",
+    "GET /live": "a page to transcribe from the microphone, or a dropped file",
     "GET /metrics": "Prometheus text format",
     "GET /docs": "OpenAPI documentation",
 }
@@ -116,6 +118,7 @@ async def stats(state: StateDep) -> dict[str, Any]:
             "budget": state.settings.models_memory_mb or None,
         },
         "models": model_stats(state),
+        "live": state.metrics.live_snapshot(state.live.gate.active, state.live.gate.capacity),
     }
 
 
