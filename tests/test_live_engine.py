@@ -92,7 +92,7 @@ def _speech(tmp: Path, texts: list[str], pause_s: float) -> tuple[np.ndarray, li
 
 def test_session_turns_deltas_and_finals(rec: Recognizer, tmp_path: Path) -> None:
     """Server VAD finds each sentence as a turn; deltas are append-only; finals are the offline text."""
-    audio, texts = _speech(tmp_path, SENTENCES[:3], pause_s=1.0)
+    audio, _ = _speech(tmp_path, SENTENCES[:3], pause_s=1.0)
     events: list[LiveEvent] = []
     offline: list[np.ndarray] = []
 
@@ -107,9 +107,7 @@ def test_session_turns_deltas_and_finals(rec: Recognizer, tmp_path: Path) -> Non
                 offline.append(x)
                 return rec.transcribe([x])[0].text
 
-            s = LiveSession(
-                rec, batcher, emit, offline_text, preset=PRESETS["fast"], turns=TurnDetection(0.5, 0.3)
-            )
+            s = LiveSession(rec, batcher, emit, offline_text, preset=PRESETS["fast"], turns=TurnDetection(0.5, 0.3))
             for i in range(0, audio.shape[0], 1600):
                 await s.append(audio[i : i + 1600])
             await batcher.stop()
@@ -132,3 +130,13 @@ def test_session_turns_deltas_and_finals(rec: Recognizer, tmp_path: Path) -> Non
     assert starts == sorted(starts) and starts[0] < 300
     committed = [e for e in events if e.kind == "committed"]
     assert committed[0].previous is None and committed[1].previous == items[0]
+
+
+def test_g711_tables_are_itu_s() -> None:
+    """The mu-law and A-law decoders against Python's audioop (present up to Python 3.12)."""
+    audioop = pytest.importorskip("audioop")  # the runtime's Python (3.11/3.12) has it
+    from service.live.audio_in import ALAW, ULAW
+
+    codes = bytes(range(256))
+    np.testing.assert_array_equal(ULAW * 32768, np.frombuffer(audioop.ulaw2lin(codes, 2), "<i2"))
+    np.testing.assert_array_equal(ALAW * 32768, np.frombuffer(audioop.alaw2lin(codes, 2), "<i2"))

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import soundfile as sf
 
 from service.live.buffered import NEMO_FILL, SILENCE_FILL, BufferedCtcStream, Geometry, Preset, transcribe_buffered
