@@ -142,6 +142,11 @@ class Endpointer:
         return out
 
     @property
+    def speech_start(self) -> int:
+        """Where the utterance in progress starts (its first speech frame); -1: none."""
+        return self._speech_from
+
+    @property
     def turn_start(self) -> int:
         """Where the utterance in progress starts, its padding included (aligned); -1: none."""
         if self._speech_from < 0:

@@ -110,6 +110,8 @@ class _Turn:
     samples: int = 0
     sent: str = ""  # text sent as deltas so far
     stopped_at: float = 0.0  # monotonic time the turn's end was decided
+    speech_from: int = -1  # server VAD: where its speech starts and ends (session samples)
+    speech_to: int = -1
 
 
 class LiveSession:
@@ -171,6 +173,8 @@ class LiveSession:
             self.samples_in += piece.shape[0]
             if self._turn is not None:
                 await self._feed(piece)
+                if ended and self._turn is not None:
+                    self._turn.speech_to = ended[0].end
                 if ended or not self._vad.in_speech:
                     await self.emit(LiveEvent("speech_stopped", self._turn.item, audio_ms=self._ms(self.samples_in)))
                     await self.end_turn()
@@ -178,6 +182,7 @@ class LiveSession:
                 start = self._vad.turn_start
                 self._open(start)
                 assert self._turn is not None
+                self._turn.speech_from = self._vad.speech_start
                 await self.emit(LiveEvent("speech_started", self._turn.item, audio_ms=self._ms(start)))
                 await self._feed(self._vad.audio_from(start))
 
@@ -257,13 +262,25 @@ class LiveSession:
             await self._steps(t, t.stream.finish())
             text = self.rec.detokenize(t.stream.ids)
         else:
-            text = (await self.offline_text(audio)).strip()
+            text = (await self.offline_text(self._speech_of(t, audio))).strip()
             if text.startswith(t.sent) and len(text) > len(t.sent):  # deltas add up to the final text
                 delta, t.sent = text[len(t.sent) :], text
                 await self.emit(LiveEvent("delta", t.item, delta))
         if self.on_final_latency:
             self.on_final_latency(time.monotonic() - t.stopped_at)
         await self.emit(LiveEvent("completed", t.item, text, seconds=audio.shape[0] / self.rate))
+
+    def _speech_of(self, t: _Turn, audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """What the offline pass hears of a turn the VAD ended: its speech with the padding long
+        uploads get (``SegmenterConfig``: 0.1 s before, 0.3 s after; measured best there), not the
+        client's ``prefix_padding`` and the whole ``silence_duration`` after. Measured on the
+        default model, 24 held-out sentences, preset fast: WER 14.5 % with the whole turn."""
+        if t.speech_from < 0 or t.speech_to < 0:
+            return audio  # the client ended the turn: all of its audio, as committed
+        pads = SegmenterConfig()
+        a = max(0, t.speech_from - int(pads.pad_before_s * self.rate) - t.start)
+        b = min(audio.shape[0], t.speech_to + int(pads.pad_after_s * self.rate) - t.start)
+        return audio[a:b] if b - a >= self.rec.features.min_samples() else audio
 
     async def close(self) -> None:
         self._turn = None
