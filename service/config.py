@@ -109,11 +109,12 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
     # Live transcription (service.live): OpenAI Realtime over WebSocket, Wyoming over TCP, /live page.
     stream_max: int = Field(32, ge=1, description="Live sessions open at once, server-wide; beyond: refused")
-    stream_preset: Literal["fast", "balanced", "accurate"] = Field(
-        "balanced", description="Live latency/accuracy preset"
-    )
+    stream_preset: Literal["fast", "balanced", "wide"] = Field("balanced", description="Live latency/accuracy preset")
     stream_final: Literal["offline", "stream"] = Field(
         "offline", description="A live turn's completed text: offline recognition of the turn, or the stream's own"
+    )
+    stream_endpoint_blank_s: float = Field(
+        1.2, gt=0, description="With server VAD, a live turn also ends after this much blank CTC output following text"
     )
     stream_max_session_s: float = Field(3600.0, gt=0, description="Longest live session, seconds of audio")
     stream_idle_timeout_s: float = Field(30.0, gt=0, description="A live session with no message this long is closed")

@@ -1,7 +1,7 @@
 """Live transcription against NeMo's own buffered CTC streaming (``FrameBatchASR``).
 
 For every NeMo-built architecture (Conformer, FastConformer, character, hybrid RNNT/CTC,
-Devanagari), two chunk/buffer presets and both initial buffer fills (NeMo's 0.0, and the
+Devanagari), the three presets and both initial buffer fills (NeMo's 0.0, and the
 silence level the service uses), ``service.live.buffered`` must keep the same label on every
 kept frame as NeMo does, and so give the same text. Then the same through the real server:
 an OpenAI Realtime session (the official SDK) whose completed transcript is the stream's own.
@@ -18,13 +18,21 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from service.live.buffered import NEMO_FILL, SILENCE_FILL, BufferedCtcStream, Geometry, Preset, transcribe_buffered
+from service.live.buffered import (
+    NEMO_FILL,
+    PRESETS,
+    SILENCE_FILL,
+    BufferedCtcStream,
+    Geometry,
+    Preset,
+    transcribe_buffered,
+)
 from service.models import ModelPackage, Recognizer
 from testkit.server import running_server
 from tests.conftest import NemoModel, run_nemo_cached
 from tests.test_api import model_env
 
-PRESETS = ["1.6:4.0", "0.64:2.56"]  # NeMo's script defaults, and the service's "fast"
+REF_PRESETS = [f"{p.chunk_s}:{p.buffer_s}" for p in PRESETS.values()]  # "wide" is NeMo's script defaults
 FILLS = {"nemo": NEMO_FILL, "silence": SILENCE_FILL}
 
 
@@ -45,7 +53,7 @@ def buffered_reference(m: NemoModel) -> tuple[list[Path], dict[str, Any]]:
         [*files, m.nemo_path],
         [
             ["-m", "tests.nemo_side.buffered_ref", "--nemo", str(m.nemo_path), "--out", "{work}"]
-            + [a for p in PRESETS for a in ("--preset", p)]
+            + [a for p in REF_PRESETS for a in ("--preset", p)]
             + [str(f) for f in files]
         ],
     )
@@ -80,7 +88,8 @@ def test_realtime_session_streams_nemo_text(conformer: NemoModel) -> None:
     from openai import AsyncOpenAI
 
     files, ref = buffered_reference(conformer)
-    expected = {r["file"]: r["text"] for r in ref["0.64:2.56/silence"]}
+    fast = PRESETS["fast"]
+    expected = {r["file"]: r["text"] for r in ref[f"{fast.chunk_s}:{fast.buffer_s}/silence"]}
     env = model_env(conformer, ASR_STREAM_FINAL="stream", ASR_STREAM_PRESET="fast")
 
     async def session(url: str, x: np.ndarray) -> tuple[str, str]:

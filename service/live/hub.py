@@ -76,7 +76,10 @@ class LiveHub:
                 offline_text,
                 preset=PRESETS[preset or self.settings.stream_preset],
                 turns=turns,
-                rules=EndpointRules(max_turn_s=min(self.settings.segment_max_s, rec.suited_max_s)),
+                rules=EndpointRules(
+                    blank_end_s=self.settings.stream_endpoint_blank_s,
+                    max_turn_s=min(self.settings.segment_max_s, rec.suited_max_s),
+                ),
                 final=self.settings.stream_final,
                 provisional=provisional,
                 on_final_latency=lambda s, name=entry.name: self.metrics.final(name, s),  # type: ignore[misc]
