@@ -27,7 +27,8 @@ from service.registry import AdmissionGate
 access_log = logging.getLogger("service.access")
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
 OPEN_PATHS = ("/health", "/metrics")  # probes and scrapes: no API key unless ASR_AUTH_ALL_ENDPOINTS
-PUBLIC_PATHS = ("/", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")  # never secret
+# Never secret. (/live is the page; it asks for the key and sends it with what it calls.)
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect", "/live")
 TRANSCRIBE_PATHS = ("/transcribe", "/transcribe/batch", "/v1/audio/transcriptions")
 
 

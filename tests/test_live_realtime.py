@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ import pytest
 import soundfile as sf
 import soxr
 import websockets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai import AsyncOpenAI
 
 from testkit.server import running_server
@@ -362,3 +365,79 @@ def test_shutdown_mid_stream_closes_with_a_code(sentences: list) -> None:
 
         assert asyncio.run(main()) in (1001, 1012)
         assert proc[0].wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean exit
+
+
+# -- fuzz: whatever a client sends, the session answers with events, never a server error -----
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return strategy | JSON
+
+
+FORMAT = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": maybe(st.sampled_from(["audio/pcm", "audio/pcmu", "audio/pcma"])),
+        "rate": maybe(st.sampled_from([8000, 16000, 24000, 48000])),
+    },
+)
+TURNS = st.none() | st.fixed_dictionaries(
+    {"type": maybe(st.sampled_from(["server_vad", "semantic_vad"]))},
+    optional={"silence_duration_ms": JSON, "prefix_padding_ms": JSON, "threshold": JSON},
+)
+TRANSCRIPTION = st.fixed_dictionaries(
+    {}, optional={"model": maybe(st.just("default")), "language": JSON, "prompt": JSON}
+)
+AUDIO_INPUT = st.fixed_dictionaries(
+    {}, optional={"format": maybe(FORMAT), "turn_detection": maybe(TURNS), "transcription": maybe(TRANSCRIPTION)}
+)
+SESSION = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": maybe(st.just("transcription")),
+        "audio": maybe(st.fixed_dictionaries({}, optional={"input": maybe(AUDIO_INPUT)})),
+        "include": JSON,
+    },
+)
+BETA = st.fixed_dictionaries(
+    {},
+    optional={
+        "input_audio_format": maybe(st.sampled_from(["pcm16", "g711_ulaw", "g711_alaw"])),
+        "input_audio_transcription": maybe(TRANSCRIPTION),
+        "turn_detection": maybe(TURNS),
+    },
+)
+AUDIO = st.binary(max_size=4000).map(lambda b: base64.b64encode(b).decode()) | JSON
+EVENT = st.one_of(
+    st.builds(lambda s: {"type": "session.update", "session": s}, maybe(SESSION)),
+    st.builds(lambda s: {"type": "transcription_session.update", "session": s}, maybe(BETA)),
+    st.builds(lambda a: {"type": "input_audio_buffer.append", "audio": a}, AUDIO),
+    st.sampled_from([{"type": "input_audio_buffer.commit"}, {"type": "input_audio_buffer.clear"}]),
+    st.builds(lambda t: {"type": t}, st.text(max_size=20)),
+    JSON,
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("ASR_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=list(HealthCheck)
+)
+@given(script=st.lists(EVENT, min_size=1, max_size=12))
+def test_fuzzed_events_never_break_a_session(server: str, script: list[Any]) -> None:
+    async def main() -> None:
+        async with websockets.connect(ws_url(server), max_size=None) as ws:
+            await ws.recv()
+            for ev in script:
+                await ws.send(json.dumps(ev))
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            while True:  # everything answered, then the clear: the session is alive
+                got = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                assert not (got["type"] == "error" and got["error"]["code"] == "server_error"), got
+                if got["type"] == "input_audio_buffer.cleared":
+                    break
+
+    asyncio.run(main())

@@ -52,6 +52,7 @@ router = APIRouter()
 OUTBOX = 512  # events queued for a client; a client this far behind is not reading: closed
 MIN_COMMIT_MS = 100  # OpenAI's minimum for a manual commit
 ITEM = "conversation.item.input_audio_transcription"
+BETA_FORMATS = {"pcm16": "pcm16", "g711_ulaw": "ulaw", "g711_alaw": "alaw"}  # beta input_audio_format
 
 
 class Refused(Exception):
@@ -138,7 +139,11 @@ class Config:
         if beta:
             fmt = s.get("input_audio_format")
             if fmt is not None:
-                enc = {"pcm16": "pcm16", "g711_ulaw": "ulaw", "g711_alaw": "alaw"}.get(fmt)
+                enc = (
+                    {"pcm16": "pcm16", "g711_ulaw": "ulaw", "g711_alaw": "alaw"}.get(fmt)
+                    if isinstance(fmt, str)
+                    else None
+                )
                 if enc is None:
                     raise ClientError(
                         400,
@@ -158,9 +163,8 @@ class Config:
                     "this server serves transcription sessions only (session.type: 'transcription')",
                     "session.type",
                 )
-            audio_in = (s.get("audio") or {}).get("input") or {}
-            if not isinstance(audio_in, dict):
-                raise ClientError(400, "invalid_type", "session.audio.input must be an object", "session.audio.input")
+            audio = _object(s.get("audio"), "session.audio")
+            audio_in = _object(audio.get("input"), "session.audio.input")
             fmt = audio_in.get("format")
             if fmt is not None:
                 self._format(fmt)
@@ -168,7 +172,10 @@ class Config:
             if "turn_detection" in audio_in:
                 self._turns(audio_in["turn_detection"], "session.audio.input.turn_detection")
         if "include" in s:
-            self.include = [str(i) for i in (s.get("include") or [])]
+            inc = s.get("include") or []
+            if not isinstance(inc, list) or not all(isinstance(i, str) for i in inc):
+                raise ClientError(400, "invalid_type", "include must be a list of strings", "session.include")
+            self.include = inc
 
     def _format(self, fmt: Any) -> None:
         if not isinstance(fmt, dict):
@@ -181,7 +188,7 @@ class Config:
         t = fmt.get("type", "audio/pcm")
         if t == "audio/pcm":
             rate = fmt.get("rate", 24000)
-            if not isinstance(rate, int) or not 8000 <= rate <= 48000:
+            if isinstance(rate, bool) or not isinstance(rate, int) or not 8000 <= rate <= 48000:
                 raise ClientError(
                     400,
                     "invalid_value",
@@ -202,10 +209,12 @@ class Config:
     def _transcription(self, t: Any, param: str) -> None:
         if t is None:
             return
-        if not isinstance(t, dict):
-            raise ClientError(400, "invalid_type", f"{param} must be an object", param)
+        t = _object(t, param)
+        for key in ("model", "language", "prompt"):
+            if t.get(key) is not None and not isinstance(t[key], str):
+                raise ClientError(400, "invalid_type", f"{param}.{key} must be a string", f"{param}.{key}")
         if t.get("model"):
-            self.model = str(t["model"])
+            self.model = t["model"]
         if "language" in t:
             self.language = t["language"] or None
         if t.get("prompt"):
@@ -220,11 +229,26 @@ class Config:
         silence = td.get("silence_duration_ms", 500)
         prefix = td.get("prefix_padding_ms", 300)
         for name, v in (("silence_duration_ms", silence), ("prefix_padding_ms", prefix)):
-            if not isinstance(v, int | float) or not 0 <= v <= 10_000:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10_000:
                 raise ClientError(400, "invalid_value", f"{name} must be 0-10000 ms", f"{param}.{name}")
+        threshold = td.get("threshold", 0.5)
+        if threshold is None:
+            threshold = 0.5
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+            raise ClientError(400, "invalid_value", "threshold must be a number from 0 to 1", f"{param}.threshold")
         # semantic_vad has no parameters of ours: it is served as server_vad with its defaults.
+        # threshold is echoed, not used: the VAD here decides by WebRTC's model and the noise floor.
         self.turns = TurnDetection(silence_s=max(0.1, silence / 1000), prefix_s=prefix / 1000)
-        self.threshold = float(td.get("threshold", 0.5) or 0.5)
+        self.threshold = float(threshold)
+
+
+def _object(v: Any, param: str) -> dict[str, Any]:
+    """An optional JSON object field: {} when absent, ClientError when not an object."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ClientError(400, "invalid_type", f"{param} must be an object", param)
+    return v
 
 
 @router.websocket("/v1/realtime")
@@ -258,7 +282,8 @@ async def realtime(ws: WebSocket) -> None:
         finally:
             hub.release()
     except Refused as r:
-        _put(outbox, error_event(r.code, r.message))
+        log.info("realtime session closed: %s (%s)", r.code, r.message)
+        _put_last(outbox, error_event(r.code, r.message))
         await _close(ws, outbox, sender, r.close, r.message)
         return
     except WebSocketDisconnect:
@@ -266,7 +291,7 @@ async def realtime(ws: WebSocket) -> None:
     except Exception:
         log.exception("realtime session failed")
         hub.metrics.stream("realtime", "error")
-        _put(outbox, error_event("server_error", "internal error; the server log has the details"))
+        _put_last(outbox, error_event("server_error", "internal error; the server log has the details"))
         await _close(ws, outbox, sender, 1011, "internal error")
         return
     await _close(ws, outbox, sender, 1000, "")
@@ -277,6 +302,14 @@ def _put(outbox: asyncio.Queue[dict[str, Any] | None], ev: dict[str, Any]) -> No
         outbox.put_nowait(ev)
     except asyncio.QueueFull:
         raise Refused("client_not_reading", f"the client has not read its last {OUTBOX} events", 1008) from None
+
+
+def _put_last(outbox: asyncio.Queue[dict[str, Any] | None], ev: dict[str, Any]) -> None:
+    """The event before a close: it must go in, so a full outbox (a client that does not read)
+    drops what it holds; the client was not going to read that anyway."""
+    while outbox.full():
+        outbox.get_nowait()
+    outbox.put_nowait(ev)
 
 
 async def _send_loop(ws: WebSocket, outbox: asyncio.Queue[dict[str, Any] | None]) -> None:

@@ -119,7 +119,10 @@ class Conversation:
         self.texts: list[str] = []
 
     async def write(self, event: Event) -> None:
-        await asyncio.wait_for(async_write_event(event, self.writer), self.settings.stream_idle_timeout_s)
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), self.settings.stream_idle_timeout_s)
+        except TimeoutError:
+            raise ConnectionResetError("the client is not reading") from None
 
     async def serve(self) -> None:
         max_bytes = int(self.settings.stream_max_message_mb * 2**20)
