@@ -32,7 +32,7 @@ def test_wheel_installs_an_importable_service_and_its_command(tmp_path: Path) ->
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
         requires = next(z.read(n).decode() for n in names if n.endswith("METADATA"))
-    assert {"service/app.py", "service/routes/native.py", "service/package.py"} <= names
+    assert {"service/app.py", "service/routes/native.py", "service/package.py", "service/live/live.html"} <= names
     assert not any(n.startswith(("tests/", "bench/", "training/", "models/")) for n in names)
     assert "nemo-ctc-asr = service.__main__:main" in entry_points
     deps = [line.split(":", 1)[1].strip() for line in requires.splitlines() if line.startswith("Requires-Dist:")]
@@ -53,3 +53,21 @@ def test_wheel_installs_an_importable_service_and_its_command(tmp_path: Path) ->
         [str(site / "bin" / "nemo-ctc-asr"), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert help_.returncode == 0 and "ASR_" in help_.stdout, help_.stderr
+
+
+def test_pinned_requirements_and_package_dependencies_name_the_same_packages() -> None:
+    """requirements.txt (the pinned set the README, Docker and CI install) and pyproject's ranges
+    (``pip install .``) must not drift apart: a dependency added to one only breaks the other."""
+    import re
+    import tomllib
+
+    def name(spec: str) -> str:
+        return re.split(r"[<>=!~\[ ;]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    pinned = {
+        name(line)
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    ranged = {name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert pinned == ranged
