@@ -72,6 +72,7 @@ def test_each_error_has_one_body_in_the_route_and_in_the_batch(app: FastAPI, err
 
 def test_routers_import_on_their_own() -> None:
     """A surface is a router of its own: mounted alone, it serves (here: the operations router)."""
+    from service.live.hub import LiveHub
     from service.pipeline import Pipeline
     from service.routes import ops
     from service.routes.deps import ServiceState
@@ -79,8 +80,11 @@ def test_routers_import_on_their_own() -> None:
     settings = Settings()
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics, ThreadPoolExecutor(1))
+    pipeline = Pipeline(settings, registry, metrics)
     lone = FastAPI()
-    lone.state.service = ServiceState(settings, metrics, registry, Pipeline(settings, registry, metrics))
+    lone.state.service = ServiceState(
+        settings, metrics, registry, pipeline, LiveHub(settings, registry, pipeline, metrics)
+    )
     lone.include_router(ops.router)
     with TestClient(lone) as client:
         r = client.get("/health")
