@@ -43,6 +43,8 @@ from service.package import (
     Manifest,
     NemoStateSection,
     OnnxSection,
+    StreamingGraph,
+    StreamingSection,
     Vocabulary,
     sha256_file,
     write_peer_files,
@@ -354,6 +356,79 @@ def read_nemo_state(pkg_dir: Path) -> dict[str, Any]:
     return state
 
 
+def is_cache_aware(model: Any) -> bool:
+    """A FastConformer trained for cache-aware streaming: chunked-limited attention (NeMo's
+    ``att_context_style: chunked_limited``) on a streaming-capable encoder."""
+    from nemo.collections.asr.parts.mixins.streaming import StreamingEncoder
+
+    enc = model.encoder
+    return isinstance(enc, StreamingEncoder) and getattr(enc, "att_context_style", "") == "chunked_limited"
+
+
+def _last(v: Any) -> int:
+    """NeMo's streaming sizes are an int or [first step, later steps]: the later steps' value."""
+    return int(v[-1]) if isinstance(v, list | tuple) else int(v)
+
+
+def export_streaming(model: Any, out_dir: Path, frame_s: float, meta: dict[str, str]) -> StreamingSection:
+    """One cache-aware streaming graph per lookahead the model was trained with (NeMo's
+    ``cache_support`` export), each with the metadata sherpa-onnx's online NeMo CTC model reads."""
+    import onnx
+    import torch
+
+    enc = model.encoder
+    contexts = [list(c) for c in getattr(enc, "att_context_size_all", None) or [enc.att_context_size]]
+    default = list(enc.att_context_size)
+    graphs = []
+    model.set_export_config({"cache_support": "True"})
+    try:
+        for ctx in contexts:
+            enc.set_default_att_context_size(ctx)
+            enc.setup_streaming_params()
+            cfg = enc.streaming_cfg
+            channel, time_, _ = enc.get_initial_cache_state(batch_size=1)
+            cache_channel = [int(channel.shape[0]), int(channel.shape[2]), int(channel.shape[3])]  # [L, T, D]
+            cache_time = [int(time_.shape[0]), int(time_.shape[2]), int(time_.shape[3])]  # [L, D, K-1]
+            chunk, pre = _last(cfg.shift_size), _last(cfg.pre_encode_cache_size)
+            path = out_dir / f"streaming_r{ctx[1]}.onnx"
+            with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+                tmp_onnx = Path(tmp) / "s.onnx"
+                model.export(str(tmp_onnx), onnx_opset_version=17)
+                graph = onnx.load(str(tmp_onnx))
+            add_onnx_metadata(
+                graph,
+                {
+                    **meta,
+                    # sherpa-onnx's OnlineNeMoCtcModel: window and shift in feature frames, cache shapes
+                    "window_size": str(_last(cfg.chunk_size) + pre),
+                    "chunk_shift": str(chunk),
+                    **{f"cache_last_channel_dim{i + 1}": str(d) for i, d in enumerate(cache_channel)},
+                    **{f"cache_last_time_dim{i + 1}": str(d) for i, d in enumerate(cache_time)},
+                },
+            )
+            onnx.checker.check_model(graph)
+            onnx.save(graph, str(path))
+            graphs.append(
+                StreamingGraph(
+                    file=path.name,
+                    sha256=sha256_file(path),
+                    att_context_size=ctx,
+                    lookahead_s=round(ctx[1] * frame_s, 4),
+                    chunk_frames=chunk,
+                    pre_encode_cache=pre,
+                    drop_extra_pre_encoded=int(cfg.drop_extra_pre_encoded),
+                    valid_out_len=int(cfg.valid_out_len),
+                    cache_last_channel=cache_channel,
+                    cache_last_time=cache_time,
+                )
+            )
+    finally:
+        model.set_export_config({"cache_support": "False"})
+        enc.set_default_att_context_size(default)
+        enc.setup_streaming_params()
+    return StreamingSection(graphs=graphs, default=contexts.index(default) if default in contexts else 0)
+
+
 def verify(model: Any, decoder: Any, onnx_path: Path, sub: dict[str, Any], seconds: float = 4.0) -> float:
     """Compare the exported graph with NeMo's forward on the same features; return max |diff|.
 
@@ -429,22 +504,20 @@ def export(
 
     vocab = write_tokens(model, decoder, name, tokens_dir)
     fp16_tensors = store_fp16_where_lossless(graph)
-    add_onnx_metadata(
-        graph,
-        {
-            # Read by sherpa-onnx (OfflineRecognizer.from_nemo_ctc) and onnx-asr (nemo-conformer-ctc).
-            "vocab_size": str(vocab["size"] + 1),
-            "subsampling_factor": str(sub["factor"]),
-            "normalize_type": feats["normalize"] or "",
-            "model_type": "EncDecCTCModelBPE"
-            if "tokenizer" in vocab and vocab["tokenizer"]["type"] != "char"
-            else "EncDecCTCModel",
-            "version": "1",
-            "model_author": "NeMo",
-            "language": language,
-            "comment": f"exported by export_to_onnx.py from {model_type} with NeMo {nemo.__version__}",
-        },
-    )
+    peer_meta = {
+        # Read by sherpa-onnx (OfflineRecognizer.from_nemo_ctc) and onnx-asr (nemo-conformer-ctc).
+        "vocab_size": str(vocab["size"] + 1),
+        "subsampling_factor": str(sub["factor"]),
+        "normalize_type": feats["normalize"] or "",
+        "model_type": "EncDecCTCModelBPE"
+        if "tokenizer" in vocab and vocab["tokenizer"]["type"] != "char"
+        else "EncDecCTCModel",
+        "version": "1",
+        "model_author": "NeMo",
+        "language": language,
+        "comment": f"exported by export_to_onnx.py from {model_type} with NeMo {nemo.__version__}",
+    }
+    add_onnx_metadata(graph, peer_meta)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(onnx_path))
 
@@ -452,6 +525,10 @@ def export(
     nemo_state = write_nemo_state(model, graph, onnx_sha256, out_dir / NEMO_STATE_FILE)
 
     max_diff = verify(model, decoder, onnx_path, sub) if check else None
+    streaming = None
+    if is_cache_aware(model):
+        # sherpa-onnx's online NeMo CTC model adds the blank itself: vocab_size without it there.
+        streaming = export_streaming(model, out_dir, frame_s, {**peer_meta, "vocab_size": str(vocab["size"])})
     manifest = Manifest(
         name=name,
         language=language,
@@ -475,6 +552,7 @@ def export(
         # Not read by the service: training/train.py --init-from models/<name> rebuilds the NeMo
         # weights from model.onnx and this file (write_nemo_state).
         nemo_state=NemoStateSection(file=NEMO_STATE_FILE, **nemo_state),
+        streaming=streaming,
     )
     manifest.write(out_dir)
     write_peer_files(out_dir, tokens_dir)  # onnx-asr's config.json and vocab.txt

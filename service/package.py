@@ -71,6 +71,38 @@ class Vocabulary(_Section):
     tokenizer: Tokenizer = Field(default_factory=Tokenizer)
 
 
+class StreamingGraph(_Section):
+    """One cache-aware streaming graph (one lookahead) of a cache-aware FastConformer.
+
+    Its inputs are NeMo's ``cache_support`` export: ``audio_signal`` [B, n_mels, window],
+    ``length`` [B], ``cache_last_channel`` [B, *cache_last_channel], ``cache_last_time``
+    [B, *cache_last_time], ``cache_last_channel_len`` [B]; its outputs log-probs [B, T, V+1],
+    encoded lengths and the next caches. Chunk sizes are feature frames, as NeMo's
+    ``streaming_cfg`` gives them ([first step, later steps]); each step's input is the chunk
+    after ``pre_encode_cache`` frames of the previous audio (zeros before the first), and the
+    graph drops ``drop_extra_pre_encoded`` frames after subsampling (NeMo's
+    ``pad_and_drop_preencoded`` streaming, as sherpa-onnx runs it too).
+    """
+
+    file: str
+    sha256: str
+    att_context_size: list[int] = Field(description="[left, right] attention context, encoder frames")
+    lookahead_s: float = Field(description="right context in seconds: how far each step looks ahead")
+    chunk_frames: int = Field(description="feature frames a step adds (NeMo's shift_size, later steps)")
+    pre_encode_cache: int = Field(description="feature frames of earlier audio before each chunk")
+    drop_extra_pre_encoded: int
+    valid_out_len: int = Field(description="encoder frames a step yields")
+    cache_last_channel: list[int] = Field(description="per-stream cache shape [layers, frames, d_model]")
+    cache_last_time: list[int] = Field(description="per-stream cache shape [layers, d_model, kernel - 1]")
+
+
+class StreamingSection(_Section):
+    """A cache-aware model's streaming graphs, one per lookahead it was trained with."""
+
+    graphs: list[StreamingGraph]
+    default: int = Field(0, description="index of the graph used when a session names no lookahead")
+
+
 class NemoStateSection(_Section):
     """Not read by the service: ``training/train.py --init-from`` rebuilds the NeMo weights from it."""
 
@@ -96,6 +128,7 @@ class Manifest(_Section):
     encoder: EncoderSection
     vocabulary: Vocabulary
     nemo_state: NemoStateSection | None = None
+    streaming: StreamingSection | None = None  # cache-aware models: their streaming graphs
 
     @classmethod
     def read(cls, pkg_dir: Path) -> Manifest:
@@ -120,7 +153,10 @@ class Manifest(_Section):
 
     def write(self, pkg_dir: Path) -> Path:
         path = pkg_dir / MANIFEST_FILE
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        data = self.model_dump(mode="json")
+        if data.get("streaming") is None:  # offline-only packages: the manifest as before
+            data.pop("streaming", None)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
     def summary(self) -> dict[str, Any]:

@@ -69,6 +69,17 @@ ARCHS = {
     "local": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4, "att_context": [16, 16]},
     # Conformer-CTC with a Devanagari SentencePiece vocabulary, like stt_hi_conformer_ctc_medium.
     "hindi": {"subsampling": "striding", "subsampling_factor": 4, "d_model": 64, "n_heads": 4},
+    # Cache-aware streaming FastConformer (like stt_en_fastconformer_hybrid_large_streaming_multi):
+    # chunked_limited attention with several lookaheads (right context 13, 6, 1, 0 frames of 80 ms),
+    # causal convolutions and downsampling, no feature normalization (as those models are trained).
+    "streaming": {
+        "subsampling": "dw_striding",
+        "subsampling_factor": 8,
+        "d_model": 64,
+        "n_heads": 4,
+        "att_context": [[70, 13], [70, 6], [70, 1], [70, 0]],
+        "streaming": True,
+    },
     # The exact shape of stt_hi_conformer_ctc_medium (for bench/: speed depends on shape, not weights).
     "medium": {
         "subsampling": "striding",
@@ -81,6 +92,7 @@ ARCHS = {
         "conv_kernel_size": 31,
     },
 }
+ARCHS["streaming_hybrid"] = ARCHS["streaming"]  # the same, hybrid RNNT/CTC (served through its CTC head)
 CHAR_LABELS = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
 
 
@@ -110,7 +122,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         "preprocessor": {
             "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
             "sample_rate": 16000,
-            "normalize": "per_feature",
+            "normalize": "NA" if a.get("streaming") else "per_feature",
             "window_size": 0.025,
             "window_stride": 0.01,
             "window": "hann",
@@ -135,6 +147,11 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
             "self_attention_model": "rel_pos",
             "n_heads": a["n_heads"],
             "att_context_size": a.get("att_context", [-1, -1]),
+            **(
+                {"att_context_style": "chunked_limited", "conv_context_size": "causal", "causal_downsampling": True}
+                if a.get("streaming")
+                else {}
+            ),
             "xscaling": True,
             "untie_biases": True,
             "pos_emb_max_len": 5000,
@@ -159,7 +176,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         },
         "optim": {"name": "adamw", "lr": 1e-3},
     }
-    if arch in ("rnnt", "hybrid"):
+    if arch in ("rnnt", "hybrid", "streaming_hybrid"):
         from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel, EncDecRNNTBPEModel
 
         cfg["model_defaults"] = {"enc_hidden": a["d_model"], "pred_hidden": 32, "joint_hidden": 32}
@@ -214,7 +231,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", choices=[*sorted(ARCHS), "rnnt", "hybrid"], default="conformer")
+    p.add_argument("--arch", choices=sorted({*ARCHS, "rnnt", "hybrid"}), default="conformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=64)
     args = p.parse_args()
