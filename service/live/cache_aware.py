@@ -19,10 +19,6 @@ streams run together in one batch (``CacheAwareBatcher``).
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,11 +121,7 @@ class CacheAwareStream:
         while self._pending.shape[1] >= n and not (last and self._pending.shape[1] == n):
             out.append(self._input(self._pending[:, :n], final=False))
             self._pending = self._pending[:, n:]
-        if (
-            last
-            and self._pending.shape[1]
-            and (self._emitted == 0 or self._pending.shape[1] >= SAMPLING_FRAMES)
-        ):
+        if last and self._pending.shape[1] and (self._emitted == 0 or self._pending.shape[1] >= SAMPLING_FRAMES):
             out.append(self._input(self._pending, final=True))
             self._pending = self._pending[:, :0]
         return out
@@ -145,7 +137,7 @@ class CacheAwareStream:
         (all of them on the last step), merge greedily; the labels kept."""
         if not final:
             logprobs = logprobs[: self.spec.valid_out_len]
-        labels = logprobs.argmax(axis=-1)
+        labels: Labels = np.asarray(logprobs.argmax(axis=-1), np.int64)
         for p in labels.tolist():
             if p != self.blank_id:
                 if p != self._prev or self._prev == self.blank_id:
