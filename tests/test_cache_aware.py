@@ -107,3 +107,69 @@ def test_the_offline_graph_beside_them_equals_nemo(cache_aware: NemoModel) -> No
     for f, text in zip(cache_aware.files, cache_aware.transcripts, strict=True):
         x, _ = sf.read(str(f), dtype="float32")
         assert rec.transcribe([x])[0].text == text, f.name
+
+
+def test_every_surface_streams_a_cache_aware_model_as_nemo_does(cache_aware: NemoModel) -> None:
+    """Realtime (the openai SDK, a lookahead chosen per session) and Wyoming (the default
+    lookahead) on the real server, finals from the stream: NeMo's cache-aware streamed text."""
+    import asyncio
+    import base64
+
+    import websockets
+    from openai import AsyncOpenAI
+    from wyoming.asr import Transcript
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+
+    from testkit.server import free_port, running_server
+    from tests.test_api import model_env
+
+    files, ref, _ = reference(cache_aware)
+    pcm = {f.name: sf.read(str(f), dtype="int16")[0].tobytes() for f in files}
+    port = free_port()
+    env = model_env(cache_aware, ASR_STREAM_FINAL="stream", ASR_WYOMING_PORT=str(port))
+
+    async def realtime(url: str, data: bytes, lookahead: str) -> str:
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="unused")
+        query = {"intent": "transcription", "lookahead": lookahead}
+        async with client.realtime.connect(extra_query=query) as conn:
+            fmt = {"type": "audio/pcm", "rate": 16000}
+            await conn.session.update(
+                session={"type": "transcription", "audio": {"input": {"format": fmt, "turn_detection": None}}}
+            )
+            for i in range(0, len(data), 3200):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(data[i : i + 3200]).decode())
+            await conn.input_audio_buffer.commit()
+            async for ev in conn:
+                assert ev.type != "error", ev
+                if ev.type == "conversation.item.input_audio_transcription.completed":
+                    return ev.transcript
+        raise AssertionError("no completed event")
+
+    async def wyoming(data: bytes) -> str:
+        async with AsyncTcpClient("127.0.0.1", port) as c:
+            await c.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+            for i in range(0, len(data), 3200):
+                await c.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=data[i : i + 3200]).event())
+            await c.write_event(AudioStop().event())
+            while (ev := await c.read_event()) is not None:
+                if Transcript.is_type(ev.type):
+                    return Transcript.from_event(ev).text
+        raise AssertionError("no transcript")
+
+    async def refused(url: str, lookahead: str) -> tuple[list[str], int | None]:
+        q = f"intent=transcription&lookahead={lookahead}"
+        got: list[str] = []
+        async with websockets.connect(url.replace("http://", "ws://") + "/v1/realtime?" + q) as ws:
+            try:
+                while True:
+                    ev = json.loads(await ws.recv())
+                    got.append(ev["error"]["code"] if ev["type"] == "error" else ev["type"])
+            except websockets.ConnectionClosed as e:
+                return got, e.rcvd.code if e.rcvd else None
+
+    with running_server(env) as url:
+        for fi, f in enumerate(files):
+            assert asyncio.run(realtime(url, pcm[f.name], "0.48")) == ref["texts"]["r6"][fi].strip(), f.name
+            assert asyncio.run(wyoming(pcm[f.name])) == ref["texts"]["r13"][fi].strip(), f.name
+        assert asyncio.run(refused(url, "0.5")) == (["session.created", "invalid_lookahead"], 1008)

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.errors import ServiceUnavailable
+from service.live.buffered import BufferedCtcStream
 from service.models import Recognizer
 
 MAX_STEPS_PER_BATCH = 64
@@ -43,6 +44,11 @@ class StepBatcher:
         self._queue: list[_Step] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    async def run(self, stream: BufferedCtcStream, buffers: list[npt.NDArray[np.float32]]) -> None:
+        """Run a stream's steps and hand it their labels, in order."""
+        for labels in await self.labels(buffers):
+            stream.accept(labels)
 
     async def labels(self, buffers: list[npt.NDArray[np.float32]]) -> list[npt.NDArray[np.int64]]:
         """The best label per encoder frame for each buffer [n_mels, T] (one stream's steps, in order)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -123,18 +123,18 @@ class Geometry:
 
 
 class EncoderStream(Protocol):
-    """One stream's recognition state: samples in, encoder step inputs out, step labels back.
+    """One turn's recognition state, as ``LiveSession`` sees it: samples in, step inputs out
+    (run by the model's batcher, which hands each step's output back to the stream), the text.
 
-    What ``LiveSession`` relies on, and all it relies on. A cache-aware model's stream keeps its
-    encoder caches here (its step inputs carry them, its ``accept`` takes the new ones back), with
-    a batcher of its own that stacks the caches of many streams.
+    ``BufferedCtcStream`` (any CTC model, ``StepBatcher``) and
+    ``service.live.cache_aware.CacheAwareStream`` (cache-aware models: the stream carries its
+    encoder caches, ``CacheAwareBatcher`` stacks those of many streams) are the two kinds.
     """
 
     trailing_blanks: int  # kept frames since the last non-blank one (the blank endpoint rule)
 
-    def push(self, samples: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]: ...
-    def finish(self) -> list[npt.NDArray[np.float32]]: ...
-    def accept(self, labels: Labels) -> None: ...
+    def push(self, samples: npt.NDArray[np.float32]) -> list[Any]: ...
+    def finish(self) -> list[Any]: ...
     @property
     def ids(self) -> list[int]: ...
     def provisional_ids(self) -> list[int]: ...

@@ -19,6 +19,10 @@ streams run together in one batch (``CacheAwareBatcher``).
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,3 +178,104 @@ def step(
     out = lp[0, : int(enc_len[0])]
     stream.accept(out, final)
     return out
+
+
+@dataclass(eq=False)
+class _Job:
+    graph: CacheAwareGraph
+    x: npt.NDArray[np.float32]
+    caches: tuple[np.ndarray, np.ndarray, np.ndarray]
+    future: asyncio.Future[tuple[npt.NDArray[np.float32], tuple[np.ndarray, np.ndarray, np.ndarray]]]
+    enqueued: float
+
+
+class CacheAwareBatcher:
+    """One decode loop per cache-aware model: the due steps of all its streams (same lookahead,
+    same input length) stacked with their caches into one run."""
+
+    MAX_STEPS = 64
+
+    def __init__(
+        self,
+        graphs: dict[str, CacheAwareGraph],
+        executor: Executor,
+        on_batch: Callable[[int, float, float], None] | None = None,
+    ):
+        self.graphs, self.executor, self.on_batch = graphs, executor, on_batch
+        self._queue: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self, stream: CacheAwareStream, steps: list[tuple[npt.NDArray[np.float32], bool]]) -> None:
+        """Run a stream's steps in order (each needs the caches the one before leaves)."""
+        graph = self.graphs[stream.spec.file]
+        for x, final in steps:
+            if self._task is None:
+                self._task = asyncio.create_task(self._loop(), name="live-cache-aware-steps")
+            job = _Job(graph, x, stream.caches, asyncio.get_running_loop().create_future(), time.monotonic())
+            self._queue.append(job)
+            self._wake.set()
+            try:
+                lp, stream.caches = await job.future
+            finally:
+                if not job.future.done():
+                    job.future.cancel()
+            stream.accept(lp, final)
+
+    def _run(
+        self, batch: list[_Job]
+    ) -> list[tuple[npt.NDArray[np.float32], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        x = np.stack([j.x for j in batch])
+        caches = tuple(np.concatenate([j.caches[i] for j in batch]) for i in range(3))
+        lp, enc_len, nxt = batch[0].graph.run(x, np.full(len(batch), x.shape[2], np.int64), caches)  # type: ignore[arg-type]
+        return [
+            (lp[b, : int(enc_len[b])], (nxt[0][b : b + 1], nxt[1][b : b + 1], nxt[2][b : b + 1]))
+            for b in range(len(batch))
+        ]
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._queue = [j for j in self._queue if not j.future.done()]
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            first = self._queue[0]
+            batch = [j for j in self._queue if j.graph is first.graph and j.x.shape == first.x.shape][: self.MAX_STEPS]
+            taken = set(map(id, batch))
+            self._queue = [j for j in self._queue if id(j) not in taken]
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self._run, batch)
+            except Exception as e:  # an ORT failure fails these steps' streams, not the loop
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            now = time.monotonic()
+            for j, r in zip(batch, results, strict=True):
+                if not j.future.done():
+                    j.future.set_result(r)
+            if self.on_batch:
+                self.on_batch(len(batch), time.perf_counter() - t0, max(now - j.enqueued for j in batch))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for j in self._queue:
+            if not j.future.done():
+                j.future.cancel()
+        self._queue.clear()
+
+
+def pick_graph(specs: list[StreamingGraph], default: int, lookahead_s: float | None) -> StreamingGraph:
+    """The graph a session asks for by lookahead (seconds), else the package's default."""
+    if lookahead_s is None:
+        return specs[default]
+    for s in specs:
+        if abs(s.lookahead_s - lookahead_s) < 1e-6:
+            return s
+    have = ", ".join(f"{s.lookahead_s:g}" for s in specs)
+    raise ValueError(f"lookahead {lookahead_s:g} s is not one of this model's ({have} s)")

@@ -9,8 +9,10 @@ import numpy as np
 import numpy.typing as npt
 
 from service.config import Settings
+from service.errors import ClientError
 from service.live.batcher import StepBatcher
 from service.live.buffered import PRESETS
+from service.live.cache_aware import CacheAwareBatcher, CacheAwareGraph, pick_graph
 from service.live.session import Emit, EndpointRules, LiveSession, StreamGate, TurnDetection
 from service.metrics import Metrics
 from service.models import Recognizer
@@ -24,7 +26,8 @@ class LiveHub:
     def __init__(self, settings: Settings, registry: ModelRegistry, pipeline: Pipeline, metrics: Metrics):
         self.settings, self.registry, self.pipeline, self.metrics = settings, registry, pipeline, metrics
         self.gate = StreamGate(settings.stream_max)
-        self._batchers: dict[str, StepBatcher] = {}
+        self._batchers: dict[str, StepBatcher | CacheAwareBatcher] = {}
+        self._recognizers: dict[str, Recognizer] = {}
         metrics.streams_active.set_function(lambda: self.gate.active)
 
     def admit(self, surface: str) -> None:
@@ -38,15 +41,25 @@ class LiveHub:
     def release(self) -> None:
         self.gate.release()
 
-    def batcher(self, entry: ModelEntry, rec: Recognizer) -> StepBatcher:
+    def batcher(self, entry: ModelEntry, rec: Recognizer) -> StepBatcher | CacheAwareBatcher:
+        """The model's step loop: buffered steps, or a cache-aware model's (its streaming graphs load here)."""
         b = self._batchers.get(entry.name)
-        if b is None or b.recognizer is not rec:  # first use, or the model was unloaded and reloaded
-            b = StepBatcher(
-                rec,
-                self.registry.pool,
-                on_batch=lambda n, c, w, name=entry.name: self.metrics.step_batch(name, n, c, w),  # type: ignore[misc]
-            )
+        if b is None or self._recognizers.get(entry.name) is not rec:  # first use, or the model was reloaded
+            name = entry.name
+
+            def stats(n: int, compute_s: float, wait_s: float) -> None:
+                self.metrics.step_batch(name, n, compute_s, wait_s)
+
+            streaming = rec.package.manifest.streaming
+            if streaming is None:
+                b = StepBatcher(rec, self.registry.pool, on_batch=stats)
+            else:
+                pkg_dir = rec.package.onnx_path.parent
+                threads = self.settings.resolved_intra_op_threads()
+                graphs = {g.file: CacheAwareGraph(pkg_dir / g.file, g, threads) for g in streaming.graphs}
+                b = CacheAwareBatcher(graphs, self.registry.pool, on_batch=stats)
             self._batchers[entry.name] = b
+            self._recognizers[entry.name] = rec
         return b
 
     @asynccontextmanager
@@ -58,11 +71,30 @@ class LiveHub:
         preset: str | None = None,
         turns: TurnDetection | None = VAD_TURNS,
         provisional: bool = False,
+        lookahead_s: float | None = None,
     ) -> AsyncIterator[LiveSession]:
-        """A live session on ``entry``'s model (loaded if needed, and kept loaded while it runs)."""
+        """A live session on ``entry``'s model (loaded if needed, and kept loaded while it runs).
+
+        A cache-aware model streams with its own graphs, at ``lookahead_s`` (one it was exported
+        with; default: its default); ``preset`` is for buffered streaming of the other models.
+        """
         sched = await self.registry.acquire(entry)
         try:
             rec = sched.recognizer
+            streaming = rec.package.manifest.streaming
+            spec = None
+            if streaming is not None:
+                try:
+                    spec = pick_graph(streaming.graphs, streaming.default, lookahead_s)
+                except ValueError as e:
+                    raise ClientError(400, "invalid_lookahead", str(e), "lookahead") from None
+            elif lookahead_s is not None:
+                raise ClientError(
+                    400,
+                    "invalid_lookahead",
+                    f"model '{entry.name}' is not a cache-aware streaming model: it takes a preset, not a lookahead",
+                    "lookahead",
+                )
             timeout = self.settings.request_timeout_s or 60.0
 
             async def offline_text(audio: npt.NDArray[np.float32]) -> str:
@@ -83,6 +115,7 @@ class LiveHub:
                 final=self.settings.stream_final,
                 provisional=provisional,
                 on_final_latency=lambda s, name=entry.name: self.metrics.final(name, s),  # type: ignore[misc]
+                cache_aware=spec,
             )
             yield s
         finally:

@@ -277,7 +277,12 @@ async def realtime(ws: WebSocket) -> None:
             if preset is not None and preset not in PRESETS:
                 raise Refused("invalid_preset", f"preset={preset!r}: use one of {', '.join(PRESETS)}", 1008)
             provisional = ws.query_params.get("provisional", "").lower() in ("1", "true")
-            await _serve(ws, hub, settings, outbox, preset, provisional)
+            lookahead = ws.query_params.get("lookahead")
+            try:
+                lookahead_s = float(lookahead) if lookahead is not None else None
+            except ValueError:
+                raise Refused("invalid_lookahead", f"lookahead={lookahead!r}: give seconds, e.g. 0.48", 1008) from None
+            await _serve(ws, hub, settings, outbox, preset, provisional, lookahead_s)
             hub.metrics.stream("realtime", "ok")
         finally:
             hub.release()
@@ -339,6 +344,7 @@ async def _serve(
     outbox: asyncio.Queue[dict[str, Any] | None],
     preset: str | None,
     provisional: bool,
+    lookahead_s: float | None = None,
 ) -> None:
     registry = hub.registry
     cfg = Config("default")
@@ -354,10 +360,13 @@ async def _serve(
     while True:  # one LiveSession per model/format choice; a session.update that changes them starts a new one
         try:
             entry = registry.resolve(served_model(registry, cfg.model), cfg.language)
-            opened = hub.session(entry, emit, preset=preset, turns=cfg.turns, provisional=provisional)
+            opened = hub.session(
+                entry, emit, preset=preset, turns=cfg.turns, provisional=provisional, lookahead_s=lookahead_s
+            )
             live = await opened.__aenter__()
         except ServiceError as e:  # the model is missing, failed or loading
-            raise Refused(e.code, e.message, 1013 if e.status == 503 else 1011) from e
+            close = 1013 if e.status == 503 else 1008 if e.status < 500 else 1011
+            raise Refused(e.code, e.message, close) from e
         try:
             audio = LiveAudio(cfg.encoding, cfg.rate, live.rate)
             max_samples = int(settings.stream_max_session_s * live.rate)

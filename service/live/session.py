@@ -30,7 +30,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +38,9 @@ import numpy.typing as npt
 from service.errors import ServiceUnavailable
 from service.live.batcher import StepBatcher
 from service.live.buffered import BufferedCtcStream, EncoderStream, Geometry, Preset
+from service.live.cache_aware import CacheAwareBatcher, CacheAwareStream
 from service.models import Recognizer
+from service.package import StreamingGraph
 from service.segmenter import FRAME_S, Endpointer, SegmenterConfig
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,7 @@ class LiveSession:
     def __init__(
         self,
         recognizer: Recognizer,
-        batcher: StepBatcher,
+        batcher: StepBatcher | CacheAwareBatcher,
         emit: Emit,
         offline_text: OfflineText,
         *,
@@ -130,9 +132,11 @@ class LiveSession:
         final: Final = "offline",
         provisional: bool = False,
         on_final_latency: Callable[[float], None] | None = None,
+        cache_aware: StreamingGraph | None = None,
     ):
         self.rec, self.batcher, self.emit, self.offline_text = recognizer, batcher, emit, offline_text
         self.geometry = Geometry.of(preset, recognizer.features, recognizer.subsampling.factor)
+        self.cache_aware = cache_aware  # a cache-aware model's graph (its lookahead): streams carry caches
         self.preset, self.rules, self.final, self.provisional = preset, rules, final, provisional
         self.rate = recognizer.sample_rate
         self.on_final_latency = on_final_latency
@@ -209,6 +213,8 @@ class LiveSession:
     # -- turns -----------------------------------------------------------------------------
     def new_stream(self) -> EncoderStream:
         """The recognition state of one turn (the seam for models that stream differently)."""
+        if self.cache_aware is not None:
+            return CacheAwareStream(self.rec.features, self.cache_aware, self.rec.blank_id)
         return BufferedCtcStream(self.rec.features, self.geometry, self.rec.blank_id)
 
     def _open(self, start: int) -> None:
@@ -237,12 +243,11 @@ class LiveSession:
             return True
         if self._vad is None:  # the client ends turns: only the length limit applies
             return False
-        blank_s = t.stream.trailing_blanks * self.geometry.model_stride_s
+        blank_s = t.stream.trailing_blanks * self.rec.frame_shift_s
         return bool(t.stream.ids) and blank_s >= self.rules.blank_end_s
 
-    async def _steps(self, t: _Turn, bufs: list[npt.NDArray[np.float32]]) -> None:
-        for labels in await self.batcher.labels(bufs):
-            t.stream.accept(labels)
+    async def _steps(self, t: _Turn, bufs: list[Any]) -> None:
+        await self.batcher.run(t.stream, bufs)  # type: ignore[arg-type]  # each batcher takes its own streams
         text = self.rec.detokenize(t.stream.ids)
         if text.startswith(t.sent) and len(text) > len(t.sent):
             delta, t.sent = text[len(t.sent) :], text
@@ -264,7 +269,7 @@ class LiveSession:
         t.audio = []
         if self.final == "stream" or audio.shape[0] < self.rec.features.min_samples():
             await self._steps(t, t.stream.finish())
-            text = self.rec.detokenize(t.stream.ids)
+            text = self.rec.detokenize(t.stream.ids).strip()
         else:
             text = (await self.offline_text(self._speech_of(t, audio))).strip()
             if text.startswith(t.sent) and len(text) > len(t.sent):  # deltas add up to the final text
