@@ -103,13 +103,20 @@ def update(rate: int) -> str:
 
 
 async def play(
-    url: str, turns: list[np.ndarray], preset: str, rate: int = 24000, until_s: float = float("inf")
+    url: str,
+    turns: list[np.ndarray],
+    preset: str,
+    rate: int = 24000,
+    until_s: float = float("inf"),
+    query: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Play ``turns`` (16 kHz, each already padded with silence) back to back in real time.
 
     Returns the events with their arrival time (s since the first append) and each turn's start time.
     """
-    q = f"intent=transcription&provisional=true&preset={preset}"
+    q = f"intent=transcription&provisional=true&preset={preset}" + "".join(
+        f"&{k}={v}" for k, v in (query or {}).items()
+    )
     events: list[tuple[float, dict[str, Any]]] = []
     starts: list[float] = []
     async with websockets.connect(url.replace("http", "ws") + "/v1/realtime?" + q, max_size=None) as ws:
@@ -238,6 +245,7 @@ async def capacity_run(
     seconds: float,
     pid: int,
     preset: str,
+    query: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     rss: list[float] = []
 
@@ -249,7 +257,10 @@ async def capacity_run(
     sampler = asyncio.create_task(sample())
     order = [list(np.random.default_rng(c).permutation(len(clips))) for c in range(n)]
     played = await asyncio.gather(
-        *(play(url, [padded(clips[j][0]) for j in order[c] * 10], preset, until_s=seconds) for c in range(n))
+        *(
+            play(url, [padded(clips[j][0]) for j in order[c] * 10], preset, until_s=seconds, query=query)
+            for c in range(n)
+        )
     )
     sampler.cancel()
     finals: list[tuple[float, float]] = []  # (turn start, final lag)

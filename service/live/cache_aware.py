@@ -33,7 +33,7 @@ import onnxruntime as ort
 from service.features import FeatureExtractor
 from service.live.buffered import Labels
 from service.live.features import IncrementalLogMel
-from service.package import StreamingGraph
+from service.package import PackageError, StreamingGraph, sha256_file
 
 SAMPLING_FRAMES = 8  # a later chunk shorter than this is not run (NeMo's get_sampling_frames()[1])
 
@@ -197,18 +197,28 @@ class CacheAwareBatcher:
 
     def __init__(
         self,
-        graphs: dict[str, CacheAwareGraph],
+        pkg_dir: Path,
+        threads: int,
         executor: Executor,
         on_batch: Callable[[int, float, float], None] | None = None,
     ):
-        self.graphs, self.executor, self.on_batch = graphs, executor, on_batch
+        self.pkg_dir, self.threads, self.executor, self.on_batch = pkg_dir, threads, executor, on_batch
+        self.graphs: dict[str, CacheAwareGraph] = {}  # loaded on first use: each holds the model's weights
         self._queue: list[_Job] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def graph(self, spec: StreamingGraph) -> CacheAwareGraph:
+        if spec.file not in self.graphs:
+            path = self.pkg_dir / spec.file
+            if spec.sha256 and sha256_file(path) != spec.sha256:
+                raise PackageError(f"{path}: checksum differs from model.json (corrupt or replaced file)")
+            self.graphs[spec.file] = CacheAwareGraph(path, spec, self.threads)
+        return self.graphs[spec.file]
+
     async def run(self, stream: CacheAwareStream, steps: list[tuple[npt.NDArray[np.float32], bool]]) -> None:
         """Run a stream's steps in order (each needs the caches the one before leaves)."""
-        graph = self.graphs[stream.spec.file]
+        graph = self.graph(stream.spec)
         for x, final in steps:
             if self._task is None:
                 self._task = asyncio.create_task(self._loop(), name="live-cache-aware-steps")

@@ -12,7 +12,7 @@ from service.config import Settings
 from service.errors import ClientError
 from service.live.batcher import StepBatcher
 from service.live.buffered import PRESETS
-from service.live.cache_aware import CacheAwareBatcher, CacheAwareGraph, pick_graph
+from service.live.cache_aware import CacheAwareBatcher, pick_graph
 from service.live.session import Emit, EndpointRules, LiveSession, StreamGate, TurnDetection
 from service.metrics import Metrics
 from service.models import Recognizer
@@ -54,10 +54,8 @@ class LiveHub:
             if streaming is None:
                 b = StepBatcher(rec, self.registry.pool, on_batch=stats)
             else:
-                pkg_dir = rec.package.onnx_path.parent
                 threads = self.settings.resolved_intra_op_threads()
-                graphs = {g.file: CacheAwareGraph(pkg_dir / g.file, g, threads) for g in streaming.graphs}
-                b = CacheAwareBatcher(graphs, self.registry.pool, on_batch=stats)
+                b = CacheAwareBatcher(rec.package.onnx_path.parent, threads, self.registry.pool, on_batch=stats)
             self._batchers[entry.name] = b
             self._recognizers[entry.name] = rec
         return b

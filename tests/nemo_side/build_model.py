@@ -92,6 +92,19 @@ ARCHS = {
         "conv_kernel_size": 31,
     },
 }
+# The shape of stt_en_fastconformer_hybrid_large_streaming_multi (bench/: speed depends on shape).
+ARCHS["streaming_large"] = {
+    "subsampling": "dw_striding",
+    "subsampling_factor": 8,
+    "d_model": 512,
+    "n_heads": 8,
+    "n_layers": 17,
+    "ff_expansion_factor": 4,
+    "subsampling_conv_channels": 256,
+    "conv_kernel_size": 9,
+    "att_context": [[70, 13], [70, 6], [70, 1], [70, 0]],
+    "streaming": True,
+}
 ARCHS["streaming_hybrid"] = ARCHS["streaming"]  # the same, hybrid RNNT/CTC (served through its CTC head)
 CHAR_LABELS = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
 
@@ -176,7 +189,7 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
         },
         "optim": {"name": "adamw", "lr": 1e-3},
     }
-    if arch in ("rnnt", "hybrid", "streaming_hybrid"):
+    if arch in ("rnnt", "hybrid", "streaming_hybrid", "streaming_large"):
         from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel, EncDecRNNTBPEModel
 
         cfg["model_defaults"] = {"enc_hidden": a["d_model"], "pred_hidden": 32, "joint_hidden": 32}
