@@ -237,6 +237,16 @@ async def latency_run(
     return out
 
 
+MAX_FINAL_S = 2.0  # a final later than this after the end of speech is not live any more
+
+
+def keeps_up(p95_first: float | None, p95_last: float | None) -> bool:
+    """Lag is flat (the last third no worse than the first by 50 % + 0.2 s) and live (under 2 s)."""
+    if p95_first is None or p95_last is None:
+        return False
+    return p95_last <= 1.5 * p95_first + 0.2 and p95_last < MAX_FINAL_S
+
+
 async def capacity_run(
     url: str,
     clips: list[tuple[np.ndarray, str]],
@@ -276,7 +286,7 @@ async def capacity_run(
     last = [lag for s, lag in finals if s >= 2 * third]
     stats = httpx.get(f"{url}/stats").json()["live"]
     p95_first, p95_last = pct(first, 95), pct(last, 95)
-    flat = p95_first is not None and p95_last is not None and p95_last <= 1.5 * p95_first + 0.2
+    flat = keeps_up(p95_first, p95_last)
     return {
         "clients": n,
         "turns": len(finals),

@@ -206,6 +206,7 @@ class CacheAwareBatcher:
         self.graphs: dict[str, CacheAwareGraph] = {}  # loaded on first use: each holds the model's weights
         self._queue: list[_Job] = []
         self._wake = asyncio.Event()
+        self._loading = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def graph(self, spec: StreamingGraph) -> CacheAwareGraph:
@@ -218,7 +219,10 @@ class CacheAwareBatcher:
 
     async def run(self, stream: CacheAwareStream, steps: list[tuple[npt.NDArray[np.float32], bool]]) -> None:
         """Run a stream's steps in order (each needs the caches the one before leaves)."""
-        graph = self.graph(stream.spec)
+        graph = self.graphs.get(stream.spec.file)
+        if graph is None:  # checksum and session creation take seconds: never on the event loop
+            async with self._loading:
+                graph = await asyncio.get_running_loop().run_in_executor(None, self.graph, stream.spec)
         for x, final in steps:
             if self._task is None:
                 self._task = asyncio.create_task(self._loop(), name="live-cache-aware-steps")
