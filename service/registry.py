@@ -95,6 +95,7 @@ class ModelRegistry:
         self.entries: dict[str, ModelEntry] = {}
         self._lock: asyncio.Lock | None = None
         self._stopping: set[asyncio.Future[None]] = set()
+        self.on_unload: list[Callable[[str], None]] = []  # called with a model's name as it unloads
         self.refresh()
         names = list(self.entries)
         self.default = default_model_name(settings)
@@ -219,6 +220,8 @@ class ModelRegistry:
             task = asyncio.ensure_future(sched.stop())
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
+        for hook in self.on_unload:  # others holding the model (live step loops) let go of it too
+            hook(entry.name)
         log.info("model %s %s", entry.name, why)
 
     async def load(self, entry: ModelEntry) -> None:

@@ -142,3 +142,37 @@ def test_g711_tables_are_itu_s() -> None:
     codes = bytes(range(256))
     np.testing.assert_array_equal(ULAW * 32768, np.frombuffer(audioop.ulaw2lin(codes, 2), "<i2"))
     np.testing.assert_array_equal(ALAW * 32768, np.frombuffer(audioop.alaw2lin(codes, 2), "<i2"))
+
+
+def test_an_unloaded_model_leaves_no_live_step_loop_behind() -> None:
+    """When the registry unloads a model (memory budget), the live hub drops its step loop too:
+    otherwise the loop would keep the recognizer (and a cache-aware model's graphs) in memory."""
+    from service.config import Settings
+    from service.live.hub import LiveHub
+    from service.metrics import Metrics
+    from service.pipeline import Pipeline
+    from service.registry import ModelRegistry
+
+    async def main() -> None:
+        settings = Settings()
+        metrics = Metrics()
+        with ThreadPoolExecutor(1) as pool:
+            registry = ModelRegistry(settings, metrics, pool)
+            pipeline = Pipeline(settings, registry, metrics)
+            hub = LiveHub(settings, registry, pipeline, metrics)
+            entry = registry.entries[registry.default]
+
+            async def emit(ev: LiveEvent) -> None:
+                pass
+
+            async with hub.session(entry, emit, turns=None) as s:
+                await s.append(np.zeros(16000, np.float32))  # one step: the loop starts
+            batcher = hub._batchers[entry.name]
+            assert isinstance(batcher, StepBatcher) and batcher._task is not None
+            registry._unload(entry, "unloaded to make room (test)")
+            await asyncio.sleep(0.05)
+            assert entry.name not in hub._batchers and batcher._task.done()
+            await registry.stop()
+            pipeline.close()
+
+    asyncio.run(main())

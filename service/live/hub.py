@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,17 @@ class LiveHub:
         self._batchers: dict[str, StepBatcher | CacheAwareBatcher] = {}
         self._recognizers: dict[str, Recognizer] = {}
         metrics.streams_active.set_function(lambda: self.gate.active)
+        self._stopping: set[asyncio.Task[None]] = set()
+        registry.on_unload.append(self.forget)
+
+    def forget(self, name: str) -> None:
+        """A model unloaded: drop its step loop, or its recognizer (and graphs) would stay in memory."""
+        b = self._batchers.pop(name, None)
+        self._recognizers.pop(name, None)
+        if b is not None:
+            task = asyncio.ensure_future(b.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     def admit(self, surface: str) -> None:
         """Take a session slot (``ServiceUnavailable`` when all are taken); ``release`` gives it back."""
