@@ -85,7 +85,16 @@ def _digest(paths: list[Path], extra: str) -> str:
 
 
 # Fixtures that build or run NeMo models: a test that takes one is in the ``nemo`` tier.
-NEMO_FIXTURES = {"conformer", "nemo_model", "char_model", "local", "nemo_features", "hindi", "nemo_server"}
+NEMO_FIXTURES = {
+    "conformer",
+    "nemo_model",
+    "char_model",
+    "local",
+    "nemo_features",
+    "hindi",
+    "nemo_server",
+    "cache_aware",
+}
 FAST_TIER = os.environ.get("ASR_TEST_TIER", "") == "fast"
 
 
