@@ -74,6 +74,14 @@ def server_env(models: Path, tokens: Path, **extra: str) -> dict[str, str]:
     return {"ASR_MODEL_DIR": str(models), "ASR_TOKENS_DIR": str(tokens), "ASR_DEFAULT_MODEL": NAME, **extra}
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now, MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def cpu_info() -> str:
     from service.config import available_cpus
 

@@ -31,19 +31,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import NAME, RESULTS, cpu_info, medium_model, server_env, speech, wav_bytes
+from bench.common import NAME, RESULTS, cpu_info, medium_model, rss_mb, server_env, speech, wav_bytes
 from service.config import Settings, available_cpus
 from service.models import ModelPackage, Recognizer
 from testkit.server import running_server
 
 CLIP_S = [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 3.5, 4.5, 6.5, 9.0, 2.5, 5.5, 11.0]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def pct(values: list[float], q: float) -> float | None:

@@ -32,7 +32,6 @@ import json
 import statistics
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,7 +41,7 @@ import soundfile as sf
 import soxr
 import websockets
 
-from bench.common import CACHE, RESULTS, cpu_info, medium_model, server_env
+from bench.common import CACHE, RESULTS, cpu_info, medium_model, rss_mb, server_env
 from service.live.buffered import PRESETS, BufferedCtcStream, Geometry, transcribe_buffered
 from service.models import ModelPackage, Recognizer
 from testkit.nemo import ROOT
@@ -52,13 +51,6 @@ from testkit.speech import HELDOUT_SENTENCES, synthesize_heldout
 STEP_S = 0.1
 LEAD_S, TAIL_S = 0.3, 1.5
 DEFAULT = "en_synth_conformer_ctc"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def pct(values: list[float], q: float) -> float | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -122,6 +122,33 @@ class Geometry:
         return g
 
 
+@dataclass
+class GreedyMerge:
+    """Greedy CTC collapse carried across steps (a label repeated over a step boundary is one
+    token), and the run of blank frames at the end (the blank endpoint rule). Both streams use it."""
+
+    blank: int
+    ids: list[int] = field(default_factory=list)
+    trailing_blanks: int = 0
+    prev: int = -1  # the last label merged; -1: none yet (treated as a blank)
+
+    def add(self, labels: list[int]) -> None:
+        for p in labels:
+            if p != self.blank:
+                if p != self.prev or self.prev in (self.blank, -1):
+                    self.ids.append(p)
+                self.trailing_blanks = 0
+            else:
+                self.trailing_blanks += 1
+            self.prev = p
+
+    def peek(self, labels: list[int]) -> list[int]:
+        """The tokens ``labels`` would add, without adding them (a provisional tail)."""
+        trial = GreedyMerge(self.blank, [], 0, self.prev)
+        trial.add(labels)
+        return trial.ids
+
+
 class EncoderStream(Protocol):
     """One turn's recognition state, as ``LiveSession`` sees it: samples in, step inputs out
     (run by the model's batcher, which hands each step's output back to the stream), the text.
@@ -131,8 +158,8 @@ class EncoderStream(Protocol):
     encoder caches, ``CacheAwareBatcher`` stacks those of many streams) are the two kinds.
     """
 
-    trailing_blanks: int  # kept frames since the last non-blank one (the blank endpoint rule)
-
+    @property
+    def trailing_blanks(self) -> int: ...  # kept frames since the last non-blank one (the blank endpoint rule)
     def push(self, samples: npt.NDArray[np.float32]) -> list[Any]: ...
     def finish(self) -> list[Any]: ...
     @property
@@ -153,17 +180,19 @@ class BufferedCtcStream:
         self._buffer = np.full((fx.n_mels, geometry.buffer_frames), fill, np.float32)
         self._pending = np.zeros((fx.n_mels, 0), np.float32)
         self._start = 0  # feature frames taken into chunks so far (the iterator's _start)
-        self._ids: list[int] = []
-        self._prev = blank_id  # last kept label (greedy merge runs across steps)
+        self._merge = GreedyMerge(blank_id)
         self._tail: list[int] = []
         self.steps = 0  # steps accepted
         self.kept_frames = 0  # encoder frames kept (final) so far
-        self.trailing_blanks = 0  # kept frames since the last non-blank one
         self.finished = False
 
     @property
     def ids(self) -> list[int]:
-        return self._ids
+        return self._merge.ids
+
+    @property
+    def trailing_blanks(self) -> int:
+        return self._merge.trailing_blanks
 
     def push(self, samples: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
         """Add samples; return the normalized buffers of the steps they complete, in order."""
@@ -210,26 +239,14 @@ class BufferedCtcStream:
         kept = decoded[lo : lo + self.g.tokens_per_chunk]  # NeMo's slice, negative start and all
         if self.kept is not None:
             self.kept += kept
-        for p in kept:
-            if p != self.blank:
-                if p != self._prev or self._prev == self.blank:
-                    self._ids.append(p)
-                self.trailing_blanks = 0
-            else:
-                self.trailing_blanks += 1
-            self._prev = p
+        self._merge.add(kept)
         self.kept_frames += len(kept)
         self._tail = decoded[lo + self.g.tokens_per_chunk :] if lo + self.g.tokens_per_chunk > 0 else []
         self.steps += 1
 
     def provisional_ids(self) -> list[int]:
         """Tokens the last step's right context adds after the final ones (not yet final)."""
-        out, prev = [], self._prev
-        for p in self._tail:
-            if p != self.blank and (p != prev or prev == self.blank):
-                out.append(p)
-            prev = p
-        return out
+        return self._merge.peek(self._tail)
 
 
 def transcribe_buffered(

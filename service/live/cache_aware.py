@@ -31,7 +31,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.features import FeatureExtractor
-from service.live.buffered import Labels
+from service.live.buffered import GreedyMerge, Labels
 from service.live.features import IncrementalLogMel
 from service.package import PackageError, StreamingGraph, sha256_file
 
@@ -79,7 +79,6 @@ class CacheAwareStream:
     spec: StreamingGraph
     blank_id: int
     mel: IncrementalLogMel = field(init=False)
-    trailing_blanks: int = 0
     finished: bool = False
 
     def __post_init__(self) -> None:
@@ -92,16 +91,18 @@ class CacheAwareStream:
             np.zeros((1, *s.cache_last_time), np.float32),
             np.zeros((1,), np.int64),
         )
-        self._ids: list[int] = []
-        self._prev = blank_id = self.blank_id
+        self._merge = GreedyMerge(self.blank_id)
         self.labels: list[int] = []  # every label, in order (tests compare NeMo's)
         self.steps = 0  # steps accepted
         self._emitted = 0  # step inputs handed out
-        del blank_id
 
     @property
     def ids(self) -> list[int]:
-        return self._ids
+        return self._merge.ids
+
+    @property
+    def trailing_blanks(self) -> int:
+        return self._merge.trailing_blanks
 
     def provisional_ids(self) -> list[int]:
         return []  # a cache-aware step's output is final: its lookahead is inside the step
@@ -142,15 +143,8 @@ class CacheAwareStream:
         if not final:
             logprobs = logprobs[: self.spec.valid_out_len]
         labels: Labels = np.asarray(logprobs.argmax(axis=-1), np.int64)
-        for p in labels.tolist():
-            if p != self.blank_id:
-                if p != self._prev or self._prev == self.blank_id:
-                    self._ids.append(p)
-                self.trailing_blanks = 0
-            else:
-                self.trailing_blanks += 1
-            self._prev = p
-            self.labels.append(p)
+        self._merge.add(labels.tolist())
+        self.labels += labels.tolist()
         self.steps += 1
         return labels
 
