@@ -1,0 +1,153 @@
+"""CTC beam search with n-gram LM fusion and phrase boosting: NeMo 3's ``beam_batch``, in numpy.
+
+Why this algorithm: NeMo 3.0 has two CTC beam decoders that take an n-gram LM and hotwords,
+``pyctcdecode`` (pure Python prefix search; pins numpy < 2; reported at seconds per utterance
+with hotwords) and ``beam_batch`` (``BatchedBeamCTCComputer``: a fixed-size, frame-synchronous,
+fully vectorized search with a token-level LM and a boosting tree fused in, NVIDIA's own and
+the one NeMo's docs now recommend). This module is ``beam_batch``'s
+``batched_beam_search_torch`` for one utterance, step for step, so that its output is NeMo's:
+
+* every hypothesis is one CTC path (the last label, blank included, decides whether the next
+  label repeats); per frame, each of the ``beam`` hypotheses is extended by every label:
+  ``score + log p(label)``, plus ``beam_beta`` and ``alpha * fusion score`` for a new token (not
+  blank, not a repeat; a repeat takes no fusion score);
+* the ``beam`` best extensions survive (``topk``); any more than ``beam_threshold`` below the best
+  are dropped; extensions that spell the same tokens and end in the same label are recombined
+  by max (a Viterbi beam, not a prefix beam: CTC paths are not summed);
+* at the end the LM's end-of-sentence weight (``alpha * </s>``) is added (not the boosting
+  tree's: NeMo adds none for CTC), and the best raw score wins (``score_norm=False``).
+
+All arithmetic is float32 in NeMo's order, and hypotheses are identified by NeMo's transcript
+hash, so ties break as they do there. What NeMo does not return for this strategy and the
+service needs is kept too: the best hypothesis's label on every frame, so that word timings
+and confidences come from the chosen path exactly as they do for greedy decoding.
+
+Cost: a frame is a handful of numpy operations on a [beam, V+1] array; the fusion models'
+scores come from a per-state cache (``service.lm.Automaton.advance``). ``bench/beam.py``
+measures it against the acoustic model's time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from service.decoding import FramePath
+from service.lm import Automaton
+
+_MULTIPLIER = np.int64(6364136223846793005)  # NeMo's transcript hash (batched_beam_decoding_utils)
+_INCREMENT = np.int64(1)
+_NEG_INF = np.float32(-np.inf)
+_MARGIN = 1e-3  # float32 rounding of the sums the short cut bounds (scores are ~1e2, an ulp ~1e-5)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One model fused into the beam with its weight (NeMo's ``fusion_models`` / ``_alpha``)."""
+
+    automaton: Automaton
+    alpha: float
+    eos: bool  # add alpha x end-of-sentence weight at the end (an LM: yes; a boosting tree: no)
+
+
+@dataclass(frozen=True)
+class BeamSearch:
+    """A configured search; ``__call__`` decodes one utterance's log-probabilities [T, V+1]."""
+
+    blank_id: int
+    beam_size: int = 4
+    beam_beta: float = 0.0
+    beam_threshold: float = 20.0
+    fusions: tuple[Fusion, ...] = ()
+
+    def __call__(self, logprobs: npt.NDArray[np.float32]) -> FramePath:
+        labels = self.best_path(logprobs)[0]
+        lp = np.asarray(logprobs, dtype=np.float32)
+        picked = lp[np.arange(labels.shape[0]), labels] if labels.size else np.zeros(0, np.float32)
+        return FramePath(labels.astype(np.int32), picked.astype(np.float32))
+
+    def best_path(self, logprobs: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int64], float]:
+        """The best hypothesis's label on every frame, and its score."""
+        lp = np.ascontiguousarray(logprobs, dtype=np.float32)
+        T, V1 = lp.shape
+        K = self.beam_size
+        blank = self.blank_id
+        if blank != V1 - 1:
+            raise ValueError("beam search needs the blank last (NeMo's CTC layout)")
+        if T == 0:
+            return np.zeros(0, np.int64), 0.0
+        vocab = np.arange(V1)
+        blank_col = vocab == blank
+        beta = np.float32(self.beam_beta)
+        threshold = np.float32(self.beam_threshold)
+        # Blank frames take a short cut: when even the best conceivable non-blank extension (best
+        # hypothesis + best non-blank label + the largest bonus any fusion model can give) scores
+        # below every hypothesis's blank extension, those K blank extensions are exactly the top K
+        # and no fusion state moves. The bound is strict, so the result is the full step's.
+        bonus = max(0.0, self.beam_beta) + sum(max(0.0, f.alpha * f.automaton.max_score) for f in self.fusions)
+        best_token = lp[:, :blank].max(axis=1) + np.float32(bonus + _MARGIN)
+        blank_lp = lp[:, blank]
+        scores = np.full(K, _NEG_INF, np.float32)
+        scores[0] = 0.0
+        last = np.full(K, -1, np.int64)
+        hashes = np.zeros(K, np.int64)
+        lengths = np.zeros(K, np.int64)
+        states = [np.full(K, f.automaton.start_state, np.int64) for f in self.fusions]
+        ptrs = np.empty((T, K), np.int64)
+        labs = np.empty((T, K), np.int64)
+        rows = np.arange(K)
+        blanks = np.full(K, blank, np.int64)
+        for t in range(T):
+            stay = blank_lp[t] + scores
+            if stay.min() > scores.max() + best_token[t]:  # all K hypotheses live; blank wins for each
+                idx = np.argsort(-stay, kind="stable")
+                new_scores, lab = stay[idx], blanks
+                extended = np.zeros(K, bool)
+                states = [st[idx] for st in states]
+            else:
+                repeated = last[:, None] == vocab[None, :]
+                cand = lp[t][None, :] + scores[:, None]
+                cand = np.where(repeated | blank_col[None, :], cand, cand + beta)
+                nexts = []
+                for f, st in zip(self.fusions, states, strict=True):
+                    answers = [f.automaton.advance(int(s)) for s in st]
+                    fs = np.stack([a[0] for a in answers])
+                    nexts.append(np.stack([a[1] for a in answers]))
+                    fs = np.where(repeated[:, :-1], np.float32(0.0), fs)
+                    cand[:, :-1] += np.float32(f.alpha) * fs
+                flat = cand.ravel()
+                top = np.argpartition(flat, -K)[-K:]
+                top = top[np.argsort(-flat[top], kind="stable")]
+                new_scores = flat[top]
+                idx = top // V1
+                lab = top % V1
+                is_blank = lab == blank
+                extended = ~is_blank & (lab != last[idx])
+                for i, (st, nx) in enumerate(zip(states, nexts, strict=True)):
+                    states[i] = np.where(extended, nx[idx, np.where(is_blank, 0, lab)], st[idx])
+            new_scores = np.where(new_scores <= new_scores.max() - threshold, _NEG_INF, new_scores)
+            ptrs[t], labs[t] = idx, lab
+            lengths = lengths[idx] + extended
+            prev_hash = hashes[idx]
+            with np.errstate(over="ignore"):
+                hashes = np.where(extended, prev_hash * _MULTIPLIER + _INCREMENT + lab, prev_hash)
+            last = lab
+            scores = new_scores.astype(np.float32)
+            if K > 1:  # recombine: same tokens, same last label -> keep the best of them
+                same = (hashes[:, None] == hashes[None, :]) & (last[:, None] == last[None, :])
+                same &= lengths[:, None] == lengths[None, :]
+                matrix = np.where(same, scores[None, :], _NEG_INF)
+                keep = matrix.argmax(axis=1) == rows
+                scores = np.where(keep, matrix.max(axis=1), _NEG_INF).astype(np.float32)
+        for f, st in zip(self.fusions, states, strict=True):
+            if f.eos:
+                scores = (scores + np.float32(f.alpha) * f.automaton.final[st]).astype(np.float32)
+        k = int(np.argmax(scores))
+        best = float(scores[k])
+        path = np.empty(T, np.int64)
+        for t in range(T - 1, -1, -1):
+            path[t] = labs[t, k]
+            k = int(ptrs[t, k])
+        return path, best
