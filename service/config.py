@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.decoders import DecodeLimits
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -107,6 +109,10 @@ class Settings(BaseSettings):
         60.0, ge=0, description="Longest a request may wait for compute (0 = no limit); X-Request-Timeout overrides"
     )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+    # Beam search and hotwords (service.decoders): what one request may ask for.
+    beam_max_size: int = Field(32, ge=1, le=256, description="Largest beam_size a request may ask for")
+    hotwords_max: int = Field(200, ge=0, description="Most hotwords per request (OpenAI prompt: its first N words)")
+    hotword_max_chars: int = Field(64, ge=1, description="Longest hotword phrase, in characters")
     # Live transcription (service.live): OpenAI Realtime over WebSocket, Wyoming over TCP, /live page.
     stream_max: int = Field(32, ge=1, description="Live sessions open at once, server-wide; beyond: refused")
     stream_preset: Literal["fast", "balanced", "wide"] = Field("balanced", description="Live latency/accuracy preset")
@@ -154,6 +160,9 @@ class Settings(BaseSettings):
         return keys
 
     @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.beam_max_size, self.hotwords_max, self.hotword_max_chars)
+
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service.decoders import DecoderFactory, PathDecoder
 from service.decoding import SEGMENT_PAUSE_S, Detokenizer, FramePath, Word, ctc_align, read_token_map
 from service.engine import Device, Engine
 from service.features import FeatureExtractor, NormStats
@@ -93,6 +94,9 @@ class Recognizer:
             )
         self.blank_id = vocab.blank_id
         self.detokenize = Detokenizer(pieces[:-1], package.spm_path, vocab.supported_punctuation)
+        self.decoders = DecoderFactory(
+            package.name, package.onnx_path.parent, m.decoding, pieces[:-1], package.spm_path
+        )
         self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads)
         self.sample_rate = m.features.sample_rate
         self.max_audio_s = m.encoder.max_audio_s or float("inf")
@@ -110,13 +114,25 @@ class Recognizer:
         return self.engine.run(feats, lengths), self.subsampling.encoded_lengths(lengths)
 
     def paths(
-        self, audios: list[npt.NDArray[np.float32]], stats: list[NormStats | None] | None = None
+        self,
+        audios: list[npt.NDArray[np.float32]],
+        stats: list[NormStats | None] | None = None,
+        decoders: list[PathDecoder | None] | None = None,
     ) -> list[FramePath]:
-        """Best label and its log-probability per encoder frame, for each signal of a batch."""
+        """Best label and its log-probability per encoder frame, for each signal of a batch.
+
+        Each signal's decoder (``DecoderFactory.resolve``; None: greedy) picks its path from its
+        log-probs here, on the inference thread, so no caller keeps a [T, V] matrix.
+        """
         if not audios:
             return []
         lp, enc_len = self.logprobs(audios, stats)
-        return [FramePath.from_logprobs(lp[i], int(enc_len[i])) for i in range(len(audios))]
+        out = []
+        for i in range(len(audios)):
+            dec = decoders[i] if decoders else None
+            n = int(enc_len[i])
+            out.append(FramePath.from_logprobs(lp[i], n) if dec is None else dec(lp[i, :n]))
+        return out
 
     def decode(self, path: FramePath) -> Transcript:
         """Text, token ids and timed words of one best path."""
@@ -157,6 +173,6 @@ class Recognizer:
                 )
         return Transcript(text=" ".join(texts), token_ids=ids, words=words)
 
-    def transcribe(self, audios: list[npt.NDArray[np.float32]]) -> list[Transcript]:
+    def transcribe(self, audios: list[npt.NDArray[np.float32]], decoder: PathDecoder | None = None) -> list[Transcript]:
         """Transcribe mono float32 signals at ``sample_rate``; one result per input, in order."""
-        return [self.decode(p) for p in self.paths(audios)]
+        return [self.decode(p) for p in self.paths(audios, None, [decoder] * len(audios))]

@@ -103,6 +103,38 @@ class StreamingSection(_Section):
     default: int = Field(0, description="index of the graph used when a session names no lookahead")
 
 
+class LanguageModelSection(_Section):
+    """An n-gram LM for beam search, in the package folder: token-level ARPA as NeMo builds them
+    for BPE models (token id i written as the character chr(i + 100)); ``.gz`` allowed."""
+
+    file: str
+    sha256: str
+    order: int
+    unit: Literal["token"] = "token"
+    source: str = Field("", description="what text it was estimated from, and how")
+
+
+class DecodingSection(_Section):
+    """How the package decodes by default (a request may choose otherwise).
+
+    Names follow NeMo's ``beam_batch`` config: ``lm_weight`` is ``ngram_lm_alpha``,
+    ``word_bonus`` is ``beam_beta`` (added per emitted token), ``hotword_weight`` is
+    ``boosting_tree_alpha``, ``hotword_score`` and ``hotword_depth_scaling`` are the boosting
+    tree's ``context_score`` and ``depth_scaling``.
+    """
+
+    method: Literal["greedy", "beam"] = "greedy"
+    beam_size: int = Field(4, ge=1)
+    beam_threshold: float = Field(20.0, gt=0)
+    lm_weight: float = Field(0.0, ge=0)
+    word_bonus: float = 0.0
+    hotword_weight: float = Field(1.0, ge=0)
+    hotword_score: float = Field(1.0, gt=0)
+    hotword_depth_scaling: float = Field(2.0, ge=0)
+    lm: LanguageModelSection | None = None
+    measured: str = Field("", description="why these values: the measurement that chose them")
+
+
 class NemoStateSection(_Section):
     """Not read by the service: ``training/train.py --init-from`` rebuilds the NeMo weights from it."""
 
@@ -129,6 +161,7 @@ class Manifest(_Section):
     vocabulary: Vocabulary
     nemo_state: NemoStateSection | None = None
     streaming: StreamingSection | None = None  # cache-aware models: their streaming graphs
+    decoding: DecodingSection | None = None  # beam search defaults and the package's LM; none: greedy
 
     @classmethod
     def read(cls, pkg_dir: Path) -> Manifest:
@@ -154,8 +187,9 @@ class Manifest(_Section):
     def write(self, pkg_dir: Path) -> Path:
         path = pkg_dir / MANIFEST_FILE
         data = self.model_dump(mode="json")
-        if data.get("streaming") is None:  # offline-only packages: the manifest as before
-            data.pop("streaming", None)
+        for optional in ("streaming", "decoding"):  # absent sections: the manifest as before
+            if data.get(optional) is None:
+                data.pop(optional, None)
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
@@ -173,6 +207,12 @@ class Manifest(_Section):
             "max_audio_s": self.encoder.max_audio_s,
             "nemo_version": self.nemo_version,
             "onnx_sha256": self.onnx.sha256,
+            "decoding": self.decoding.method if self.decoding else "greedy",
+            "language_model": (
+                {"file": self.decoding.lm.file, "order": self.decoding.lm.order, "source": self.decoding.lm.source}
+                if self.decoding and self.decoding.lm
+                else None
+            ),
         }
 
 

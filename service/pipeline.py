@@ -22,7 +22,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Literal, TypeVar
 
 import numpy as np
@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from service.audio import AudioInfo, AudioSource, RawFormat
 from service.config import Settings
+from service.decoders import DecodeRequest, PathDecoder
 from service.decoding import FramePath
 from service.errors import ClientError
 from service.features import FeatureExtractor, NormStats
@@ -159,16 +160,19 @@ def audio_plan(settings: Settings, rec: Recognizer) -> AudioPlan:
     )
 
 
-def transcribe_samples(rec: Recognizer, samples: npt.NDArray[np.float32], plan: AudioPlan) -> tuple[Transcript, int]:
+def transcribe_samples(
+    rec: Recognizer, samples: npt.NDArray[np.float32], plan: AudioPlan, decode: DecodeRequest | None = None
+) -> tuple[Transcript, int]:
     """The server's path, in process and synchronous (benchmarks, offline tools).
 
     Returns the transcript and the number of pieces the model ran on (1: short enough to run whole).
     """
+    decoder = rec.decoders.resolve(decode or DecodeRequest())
     driver = plan_pieces(array_blocks(samples, rec.sample_rate), plan, rec.features)
     step = _advance(driver, None)
     pieces = 0
     while isinstance(step, Piece):
-        step = _advance(driver, rec.paths([step.samples], [step.stats])[0])
+        step = _advance(driver, rec.paths([step.samples], [step.stats], [decoder])[0])
         pieces += 1
     return rec.decode_utterances(step), pieces
 
@@ -183,6 +187,7 @@ class Outcome:
     duration_s: float
     elapsed_s: float
     chunks: int
+    decoding: dict[str, Any] | None = None  # how it was decoded (DecoderFactory.describe)
 
 
 async def _unguarded(work: Coroutine[Any, Any, FramePath]) -> FramePath:
@@ -211,16 +216,20 @@ class Pipeline:
         *,
         timeout_s: float,
         guard: Guard = _unguarded,
+        decode: DecodeRequest | None = None,
     ) -> Outcome:
         """Transcribe an uploaded file (any supported format, or raw PCM as ``raw`` declares).
 
         ``timeout_s`` bounds each piece's wait in the queue (``DeadlineExceeded``); ``guard``
-        wraps each wait, e.g. to cancel it when the client goes away. Errors are ``ServiceError``s.
+        wraps each wait, e.g. to cancel it when the client goes away; ``decode`` picks the
+        decoder (checked against the model before any audio is read). Errors are ``ServiceError``s.
         """
         t0 = time.perf_counter()
+        decode = decode or DecodeRequest()
         sched = await self.registry.acquire(entry)
         try:
             rec = sched.recognizer
+            decoder = await self._prep(rec.decoders.resolve, decode)
             # Never below what the features need (two frames for normalization).
             min_s = max(self.settings.min_duration_s, rec.features.min_samples() / rec.sample_rate)
             source = await self._prep(
@@ -233,12 +242,13 @@ class Pipeline:
             )
             try:
                 driver = plan_pieces(source.blocks, audio_plan(self.settings, rec), rec.features)
-                transcript, chunks = await self._run(driver, sched, timeout_s, guard)
+                transcript, chunks = await self._run(driver, sched, timeout_s, guard, decoder)
             finally:
                 source.close()
         finally:
             self.registry.release(entry)
-        return self._done(entry, transcript, source.info, source.decoded_s, t0, chunks)
+        out = self._done(entry, transcript, source.info, source.decoded_s, t0, chunks)
+        return replace(out, decoding=rec.decoders.describe(decode))
 
     async def transcribe_samples(
         self, entry: ModelEntry, samples: npt.NDArray[np.float32], *, timeout_s: float, guard: Guard = _unguarded
@@ -259,13 +269,13 @@ class Pipeline:
         return self._done(entry, transcript, info, duration_s, t0, chunks)
 
     async def _run(
-        self, driver: PieceDriver, sched: Scheduler, timeout_s: float, guard: Guard
+        self, driver: PieceDriver, sched: Scheduler, timeout_s: float, guard: Guard, decoder: PathDecoder | None = None
     ) -> tuple[Transcript, int]:
         """Drive ``plan_pieces``: plan on the prep pool, each piece a job of its own in the model's queue."""
         step = await self._prep(_advance, driver, None)
         pieces = 0
         while isinstance(step, Piece):
-            path = await guard(sched.infer(step.samples, time.monotonic() + timeout_s, step.stats))
+            path = await guard(sched.infer(step.samples, time.monotonic() + timeout_s, step.stats, decoder))
             step = await self._prep(_advance, driver, path)
             pieces += 1
         return await self._prep(sched.recognizer.decode_utterances, step), pieces

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from service.decoders import PathDecoder
 from service.decoding import FramePath
 from service.engine import release_memory
 from service.errors import DeadlineExceeded, ServiceUnavailable
@@ -50,6 +51,7 @@ class Job:
     enqueued: float  # time.monotonic()
     deadline: float  # time.monotonic(); math.inf = none
     started: float = 0.0  # when its batch began, 0 while queued
+    decoder: PathDecoder | None = None  # beam search (service.decoders); None: greedy
 
     @property
     def n(self) -> int:
@@ -114,7 +116,11 @@ class Scheduler:
         return max(1, math.ceil(queued_s * self._rtf_estimate / self.workers))
 
     async def infer(
-        self, samples: npt.NDArray[np.float32], deadline: float = math.inf, stats: NormStats | None = None
+        self,
+        samples: npt.NDArray[np.float32],
+        deadline: float = math.inf,
+        stats: NormStats | None = None,
+        decoder: PathDecoder | None = None,
     ) -> FramePath:
         """Queue ``samples`` and wait for its best path (``Recognizer.decode`` makes it a transcript).
 
@@ -124,7 +130,7 @@ class Scheduler:
         """
         assert self._changed is not None, "scheduler not started"
         loop = asyncio.get_running_loop()
-        job = Job(samples, stats, loop.create_future(), time.monotonic(), deadline)
+        job = Job(samples, stats, loop.create_future(), time.monotonic(), deadline, decoder=decoder)
         self._queue.append(job)
         self.max_queued = max(self.max_queued, len(self._queue))
         self._changed.set()
@@ -200,7 +206,11 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
-                    self.executor, self.recognizer.paths, [j.samples for j in live], [j.stats for j in live]
+                    self.executor,
+                    self.recognizer.paths,
+                    [j.samples for j in live],
+                    [j.stats for j in live],
+                    [j.decoder for j in live],
                 )
             except Exception as e:  # an ORT failure fails this batch's callers, not the worker
                 for job in live:

@@ -7,8 +7,9 @@
 # Creates two virtual environments in the project root (both git-ignored):
 #   .venv         the runtime (requirements.txt) plus test tools (requirements-dev.txt): no torch, no NeMo
 #   .venv-export  NeMo + torch (CPU) for export_to_onnx.py and the NeMo side of the parity tests
-# and installs espeak-ng and sox (test audio) and chromium with its driver (the /live page test, in a
-# real headless browser) with apt-get when they are missing.
+# and installs espeak-ng and sox (test audio), chromium with its driver (the /live page test, in a
+# real headless browser) and irstlm (an independent n-gram estimator that tests/test_ngram_lm.py
+# checks training/ngram.py against) with apt-get when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,11 +17,11 @@ TIER=full
 if [ "${1:-}" = "--fast" ]; then TIER=fast; shift; fi
 
 if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v chromium >/dev/null \
-  || ! command -v chromedriver >/dev/null; then
+  || ! command -v chromedriver >/dev/null || [ ! -x /usr/lib/irstlm/bin/tlm ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends espeak-ng sox \
-    chromium chromium-driver
+    chromium chromium-driver irstlm
 fi
 
 # pip, with the noise of this machine's missing local index folders filtered out (errors still show).

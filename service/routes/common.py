@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
 from service.audio import RawFormat
+from service.decoders import DecodeRequest
 from service.decoding import segment_words
 from service.errors import ClientError
 from service.formats import MEDIA_TYPES, RESPONSE_FORMATS, ResponseFormat, srt, vtt
@@ -47,10 +48,16 @@ async def transcribe_upload(
     upload: UploadFile,
     raw: RawFormat | None,
     timeout_s: float,
+    decode: DecodeRequest | None = None,
 ) -> Outcome:
     """One uploaded file through the pipeline; work is dropped if the client goes away."""
     return await pipeline.transcribe(
-        entry, upload.file, raw, timeout_s=timeout_s, guard=lambda work: until_disconnect(request, work)
+        entry,
+        upload.file,
+        raw,
+        timeout_s=timeout_s,
+        guard=lambda work: until_disconnect(request, work),
+        decode=decode,
     )
 
 
@@ -60,6 +67,7 @@ def log_outcome(request: Request, o: Outcome) -> None:
         "audio_s": round(o.duration_s, 3),
         "rtf": round(o.elapsed_s / o.duration_s, 5) if o.duration_s else None,
         "chunks": o.chunks,
+        "decoding": (o.decoding or {}).get("method"),
     }
 
 

@@ -14,6 +14,7 @@ from fastapi import Depends, Form, Request, UploadFile
 
 from service.audio import RawFormat
 from service.config import Settings
+from service.decoders import DecodeRequest
 from service.http import request_timeout_s
 from service.live.hub import LiveHub
 from service.metrics import Metrics
@@ -93,3 +94,24 @@ def raw_pcm(
 
 
 RawPcmDep = Annotated[RawPcm, Depends(raw_pcm)]
+
+
+def decode_form(
+    settings: SettingsDep,
+    decoding: Annotated[
+        str | None, Form(description="greedy or beam (default: the model's, see /stats); hotwords imply beam")
+    ] = None,
+    beam_size: Annotated[int | None, Form(description="Beam width (1 to ASR_BEAM_MAX_SIZE)")] = None,
+    lm_weight: Annotated[
+        float | None, Form(description="Weight of the model's n-gram LM (NeMo's ngram_lm_alpha); 0: no LM")
+    ] = None,
+    word_bonus: Annotated[float | None, Form(description="Score added per emitted token (NeMo's beam_beta)")] = None,
+    hotwords: Annotated[
+        str | None,
+        Form(description="Phrases to boost, comma- or newline-separated, each optionally 'phrase:boost'"),
+    ] = None,
+) -> DecodeRequest:
+    return DecodeRequest.from_form(settings.decode_limits(), decoding, beam_size, lm_weight, word_bonus, hotwords)
+
+
+DecodeDep = Annotated[DecodeRequest, Depends(decode_form)]

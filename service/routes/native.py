@@ -20,7 +20,7 @@ from service.routes.common import (
     render,
     transcribe_upload,
 )
-from service.routes.deps import MetricsDep, PipelineDep, RawPcmDep, RegistryDep, SettingsDep, TimeoutDep
+from service.routes.deps import DecodeDep, MetricsDep, PipelineDep, RawPcmDep, RegistryDep, SettingsDep, TimeoutDep
 from service.routes.schemas import (
     ERROR_RESPONSES,
     AudioDescription,
@@ -50,6 +50,7 @@ def native_body(o: Outcome, verbose: bool) -> TranscriptionResponse:
             format=info.format, subtype=info.subtype, sample_rate=info.sample_rate, channels=info.channels
         ),
         chunks=o.chunks,
+        decoding=o.decoding,
     )
     if verbose:
         body.words = [WordOut(**word_dict(w)) for w in t.words]
@@ -70,6 +71,7 @@ async def transcribe(
     pipeline: PipelineDep,
     timeout_s: TimeoutDep,
     raw: RawPcmDep,
+    decode: DecodeDep,
     file: Annotated[UploadFile | None, File(description=FILE_DOC)] = None,
     model: ModelForm = None,
     language: LanguageForm = None,
@@ -79,7 +81,7 @@ async def transcribe(
     if file is None:
         raise ClientError(400, "missing_file", MISSING_FILE)
     entry = pick_model(request, registry, model, language)
-    o = await transcribe_upload(request, pipeline, entry, file, raw.for_upload(file), timeout_s)
+    o = await transcribe_upload(request, pipeline, entry, file, raw.for_upload(file), timeout_s, decode)
     log_outcome(request, o)
     return render(o, fmt, native_body)
 
@@ -98,6 +100,7 @@ async def transcribe_batch(
     metrics: MetricsDep,
     timeout_s: TimeoutDep,
     raw: RawPcmDep,
+    decode: DecodeDep,
     files: Annotated[list[UploadFile] | None, File(description="Audio files (repeat the field)")] = None,
     model: ModelForm = None,
     language: LanguageForm = None,
@@ -113,7 +116,7 @@ async def transcribe_batch(
     results = []
     for f in files:  # one after another: the scheduler interleaves them with other clients' work
         try:
-            o = await transcribe_upload(request, pipeline, entry, f, raw.for_upload(f), timeout_s)
+            o = await transcribe_upload(request, pipeline, entry, f, raw.for_upload(f), timeout_s, decode)
         except (ClientError, DeadlineExceeded) as e:  # this file's own problem; others (503, 499) end the batch
             metrics.failure(entry.name, e.status, e.code)
             results.append(BatchItem(filename=f.filename, status=e.status, error=ErrorDetail(**error_body(e)["error"])))

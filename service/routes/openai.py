@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
+from service.decoders import DecodeRequest
 from service.decoding import segment_words
 from service.errors import ClientError
 from service.formats import segment_dict, word_dict
@@ -27,7 +28,7 @@ from service.routes.common import (
     render,
     transcribe_upload,
 )
-from service.routes.deps import MetricsDep, PipelineDep, RawPcmDep, RegistryDep, TimeoutDep
+from service.routes.deps import MetricsDep, PipelineDep, RawPcmDep, RegistryDep, SettingsDep, TimeoutDep
 from service.routes.schemas import ERROR_RESPONSES, ErrorBody
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -101,6 +102,7 @@ def check_granularities(values: list[str] | None) -> set[str]:
 )
 async def create_transcription(
     request: Request,
+    settings: SettingsDep,
     registry: RegistryDep,
     pipeline: PipelineDep,
     timeout_s: TimeoutDep,
@@ -115,14 +117,21 @@ async def create_transcription(
     timestamp_granularities: Annotated[
         list[str] | None, Form(alias="timestamp_granularities[]", description="word and/or segment (verbose_json)")
     ] = None,
-    prompt: Annotated[str | None, Form(description="Accepted and ignored: CTC models take no prompt")] = None,
-    temperature: Annotated[float | None, Form(description="Accepted and ignored: decoding is greedy")] = None,
+    prompt: Annotated[
+        str | None,
+        Form(
+            description="Its words become hotwords (beam search with phrase boosting); words the model cannot "
+            "spell are dropped"
+        ),
+    ] = None,
+    temperature: Annotated[float | None, Form(description="Accepted and ignored: decoding is deterministic")] = None,
 ) -> Response:
     fmt = check_format(response_format)
     grans = check_granularities(timestamp_granularities)
     if file is None:
         raise ClientError(400, "missing_file", MISSING_FILE)
     entry = pick_model(request, registry, served_model(registry, model), language)
-    o = await transcribe_upload(request, pipeline, entry, file, raw.for_upload(file), timeout_s)
+    decode = DecodeRequest.from_prompt(prompt, settings.decode_limits())
+    o = await transcribe_upload(request, pipeline, entry, file, raw.for_upload(file), timeout_s, decode)
     log_outcome(request, o)
     return render(o, fmt, lambda out, verbose: openai_body(out, verbose, grans))

@@ -56,6 +56,9 @@ class TranscriptionResponse(BaseModel):
     rtf: float = Field(description="Real-time factor: processing time / audio duration")
     audio: AudioDescription
     chunks: int = Field(1, description="Windows the audio was transcribed in (long audio: more than 1)")
+    decoding: dict[str, Any] | None = Field(
+        None, description="How it was decoded: method greedy or beam (with beam_size, lm_weight, word_bonus, hotwords)"
+    )
     words: list[WordOut] | None = Field(None, description="verbose_json only")
     segments: list[SegmentOut] | None = Field(None, description="verbose_json only")
 

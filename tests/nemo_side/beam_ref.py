@@ -12,7 +12,7 @@ For each audio file, the model's log-probs (``model.forward``), then for each ca
 
 Writes DIR/beam.json ({case: [{ids, score, text}] per file}) and DIR/beam.npz (logprobs_i).
 
-Usage: python -m tests.nemo_side.beam_ref --nemo model.nemo --cases cases.json --out DIR FILE.wav ...
+Usage: python -m tests.nemo_side.beam_ref --nemo model.nemo --cases cases.json --arpa lm.arpa --out DIR FILE.wav ...
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nemo", type=Path, required=True)
     p.add_argument("--cases", type=Path, required=True)
+    p.add_argument("--arpa", type=Path, help="the token-level LM the cases with lm_alpha use")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("files", nargs="+", type=Path)
     args = p.parse_args()
@@ -81,7 +82,7 @@ def main() -> None:
                 cfg.beam.return_best_hypothesis = True
                 cfg.beam.allow_cuda_graphs = False
                 if case.get("lm_alpha") is not None:
-                    cfg.beam.ngram_lm_model = case["arpa"]
+                    cfg.beam.ngram_lm_model = str(args.arpa)
                     cfg.beam.ngram_lm_alpha = case["lm_alpha"]
                 else:
                     cfg.beam.ngram_lm_model = None
@@ -107,7 +108,7 @@ def main() -> None:
         else:
             fusions, alphas = [], []
             if case.get("lm_alpha") is not None:
-                fusions.append(NGramGPULanguageModel.from_arpa(case["arpa"], vocab_size=blank, use_triton=False))
+                fusions.append(NGramGPULanguageModel.from_arpa(args.arpa, vocab_size=blank, use_triton=False))
                 alphas.append(case["lm_alpha"])
             if case.get("phrases"):
                 graph = ContextGraph(
