@@ -38,7 +38,7 @@ from service.beam import BeamSearch, Fusion
 from service.config import Settings
 from service.decoders import DecodeRequest, Hotword
 from service.decoding import FramePath
-from service.lm import NGramLM
+from service.lm import BoostingTree, NGramLM
 from service.models import ModelPackage, Recognizer
 
 DATA = Path("training/data")
@@ -109,6 +109,7 @@ def run_wer(args: argparse.Namespace) -> dict[str, Any]:
         lms[order] = NGramLM.from_arpa(path, rec.blank_id)
         results["lms"][order] = {"file": path.name, "bytes": path.stat().st_size}
     val_lp, val_refs = data["val"]
+    package = rec.decoders.resolve(DecodeRequest()) or (lambda lp: FramePath.from_logprobs(lp, lp.shape[0]))
     best: dict[str, Any] = {}
     # Beam without LM: the word bonus is its only knob.
     for beta in (0.0, 0.5, 1.0):
@@ -134,9 +135,11 @@ def run_wer(args: argparse.Namespace) -> dict[str, Any]:
         for order, lm in lms.items():
             b = best[f"lm{order}"]
             row[f"beam+lm{order}"] = wer(refs, decode_all(rec, lps, search(rec, lm, args.beam, b["alpha"], b["beta"])))
+        row["package default"] = wer(refs, [t.text for t in map(rec.decode, map(package, lps))])
         table[s] = row
         print(s, {k: f"{100 * v:.2f} %" for k, v in row.items()}, flush=True)
     results["wer"] = table
+    results["package_decoding"] = rec.package.manifest.decoding.model_dump() if rec.package.manifest.decoding else None
     # Beam width at the chosen LM setting, on validation.
     order = max(lms, key=lambda o: -best[f"lm{o}"]["val_wer"])
     b = best[f"lm{order}"]
@@ -163,7 +166,8 @@ def clip_10s(rec: Recognizer, seed: int) -> npt.NDArray[np.float32]:
 
 def hotword_list(rec: Recognizer, n: int, seed: int = 0) -> tuple[Hotword, ...]:
     """``n`` made-up but spellable phrases of 1-3 words (their count and depth is what costs)."""
-    words = [w for w in (DATA / "text" / "train.txt").read_text().split() if len(w) >= 5]
+    words = sorted({w for w in (DATA / "text" / "train.txt").read_text().split() if len(w) >= 5})
+    words = [w for w in words if rec.decoders.spell(w)]  # a random-vocabulary model cannot spell them all
     rng = np.random.default_rng(seed)
     return tuple(Hotword(" ".join(rng.choice(words, size=int(rng.integers(1, 4))))) for _ in range(n))
 
@@ -223,11 +227,35 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def other_word_errors(ref: str, hyp: str, terms: list[str]) -> tuple[int, int]:
+    """(errors, words) on the reference words outside the terms, from jiwer's alignment.
+
+    A misspelled term often comes out as several words ("cuber needs"): words inserted next to
+    a term's words are the term's errors, not the other words'.
+    """
+    words = ref.split()
+    is_term = [False] * len(words)
+    for t in terms:
+        tw = t.split()
+        for i in range(len(words) - len(tw) + 1):
+            if words[i : i + len(tw)] == tw:
+                for j in range(i, i + len(tw)):
+                    is_term[j] = True
+    errors = 0
+    for chunk in jiwer.process_words(ref, hyp).alignments[0]:
+        if chunk.type in ("substitute", "delete"):
+            errors += sum(not is_term[i] for i in range(chunk.ref_start_idx, chunk.ref_end_idx))
+        elif chunk.type == "insert":
+            near = [i for i in (chunk.ref_start_idx - 1, chunk.ref_start_idx) if 0 <= i < len(words)]
+            errors += 0 if any(is_term[i] for i in near) else chunk.hyp_end_idx - chunk.hyp_start_idx
+    return errors, sum(not x for x in is_term)
+
+
 def run_hotwords(args: argparse.Namespace) -> dict[str, Any]:
     rec = recognizer()
-    man = CACHE / "hotwords" / "manifest.jsonl"
-    items = [json.loads(line) for line in man.open()]
-    terms = [t.strip() for t in (CACHE / "hotwords" / "terms.txt").read_text().splitlines() if t.strip()]
+    corpus = Path(args.corpus)
+    items = [json.loads(line) for line in (corpus / "manifest.jsonl").open()]
+    terms = [t.strip() for t in (corpus / "terms.txt").read_text().splitlines() if t.strip()]
     lm = NGramLM.from_arpa(token_lm(rec, args.order, args.prune), rec.blank_id)
     lps = []
     for it in items:
@@ -235,41 +263,34 @@ def run_hotwords(args: argparse.Namespace) -> dict[str, Any]:
         lp, n = rec.logprobs([x])
         lps.append(lp[0, : int(n[0])])
     refs = [it["text"] for it in items]
-    out: dict[str, Any] = {"machine": cpu_info(), "sentences": len(items), "terms": len(terms), "rows": {}}
+    out: dict[str, Any] = {"machine": cpu_info(), "corpus": str(corpus), "sentences": len(items), "terms": len(terms)}
+    out["rows"] = {}
 
     def score(name: str, hyps: list[str]) -> None:
         found = sum(f" {t} " in f" {h} " for it, h in zip(items, hyps, strict=True) for t in it["terms"])
         total = sum(len(it["terms"]) for it in items)
-        other_refs = [_without(r, it["terms"]) for r, it in zip(refs, items, strict=True)]
-        other_hyps = [_without(h, it["terms"]) for h, it in zip(hyps, items, strict=True)]
-        row = {"terms_found": found / total, "wer_all": wer(refs, hyps), "wer_other_words": wer(other_refs, other_hyps)}
+        errs = [other_word_errors(r, h, it["terms"]) for r, h, it in zip(refs, hyps, items, strict=True)]
+        row = {
+            "terms_found": found / total,
+            "wer_all": wer(refs, hyps),
+            "wer_other_words": sum(e for e, _ in errs) / sum(n for _, n in errs),
+        }
         out["rows"][name] = row
         print(name, {k: f"{100 * v:.1f} %" for k, v in row.items()}, flush=True)
 
     score("greedy", decode_all(rec, lps, None))
-    score("beam + LM", decode_all(rec, lps, search(rec, lm, args.beam, args.alpha, args.beta)))
-    for weight in args.boost_weights:
-        req = DecodeRequest(hotwords=tuple(Hotword(t) for t in terms))
-        tree = rec.decoders._tree(req)
-        assert tree is not None
-        for with_lm in (False, True):
-            fusions = [Fusion(tree.automaton, weight, False)]
-            if with_lm:
-                fusions.insert(0, Fusion(lm.automaton, args.alpha, True))
-            s = BeamSearch(blank_id=rec.blank_id, beam_size=args.beam, beam_beta=args.beta, fusions=tuple(fusions))
-            score(
-                f"{'beam + LM' if with_lm else 'beam'} + {len(terms)} hotwords (weight {weight})",
-                decode_all(rec, lps, s),
+    score(f"beam {args.beam} + LM", decode_all(rec, lps, search(rec, lm, args.beam, args.alpha, args.beta)))
+    for cs in args.hotword_scores:
+        for depth in args.depths:
+            tree = BoostingTree.from_phrases(
+                [rec.decoders.spell(t) or [] for t in terms], [0.0] * len(terms), rec.blank_id, cs, depth
             )
+            for weight in args.boost_weights:
+                fusions = (Fusion(lm.automaton, args.alpha, True), Fusion(tree.automaton, weight, False))
+                s = BeamSearch(blank_id=rec.blank_id, beam_size=args.beam, beam_beta=args.beta, fusions=fusions)
+                name = f"beam {args.beam} + LM + {len(terms)} hotwords (weight {weight}, score {cs}, depth {depth})"
+                score(name, decode_all(rec, lps, s))
     return out
-
-
-def _without(text: str, terms: list[str]) -> str:
-    """``text`` with the terms (and only them) removed, for WER on the other words."""
-    padded = f" {text} "
-    for t in terms:
-        padded = padded.replace(f" {t} ", " ")
-    return " ".join(padded.split())
 
 
 def main() -> None:
@@ -285,6 +306,9 @@ def main() -> None:
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--boost-weights", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--hotword-scores", type=float, nargs="+", default=[1.0])
+    p.add_argument("--depths", type=float, nargs="+", default=[2.0])
+    p.add_argument("--corpus", default=str(CACHE / "hotwords"))
     args = p.parse_args()
     res = {"wer": run_wer, "speed": run_speed, "hotwords": run_hotwords}[args.what](args)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -79,9 +79,11 @@ class BeamSearch:
         if T == 0:
             return np.zeros(0, np.int64), 0.0
         vocab = np.arange(V1)
-        blank_col = vocab == blank
-        beta = np.float32(self.beam_beta)
         threshold = np.float32(self.beam_threshold)
+        # beta on every label but blank; a hypothesis's last label is masked off per frame below.
+        # Adding an exact 0 leaves a float32 sum unchanged, so masks reproduce NeMo's where().
+        beta_row = np.where(vocab == blank, np.float32(0), np.float32(self.beam_beta)).astype(np.float32)
+        use_beta = self.beam_beta != 0.0
         # Blank frames take a short cut: when even the best conceivable non-blank extension (best
         # hypothesis + best non-blank label + the largest bonus any fusion model can give) scores
         # below every hypothesis's blank extension, those K blank extensions are exactly the top K
@@ -94,53 +96,71 @@ class BeamSearch:
         last = np.full(K, -1, np.int64)
         hashes = np.zeros(K, np.int64)
         lengths = np.zeros(K, np.int64)
+        nf = len(self.fusions)
         states = [np.full(K, f.automaton.start_state, np.int64) for f in self.fusions]
+        # Per fusion model, the current hypotheses' rows: alpha x scores [K, V] and next states.
+        rows_cache: list[dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]]] = [{} for _ in range(nf)]
+
+        def row(m: int, state: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+            hit = rows_cache[m].get(state)
+            if hit is None:
+                f = self.fusions[m]
+                sc, nx = f.automaton.advance(state)
+                hit = rows_cache[m][state] = (np.append(np.float32(f.alpha) * sc, np.float32(0)), nx)
+            return hit
+
+        fscore = [np.repeat(row(m, self.fusions[m].automaton.start_state)[0][None, :], K, axis=0) for m in range(nf)]
+        # (blank gets no fusion score: its column stays 0, and x + 0 is x in float32)
+        fnext = [np.repeat(row(m, self.fusions[m].automaton.start_state)[1][None, :], K, axis=0) for m in range(nf)]
         ptrs = np.empty((T, K), np.int64)
         labs = np.empty((T, K), np.int64)
         rows = np.arange(K)
         blanks = np.full(K, blank, np.int64)
+        no_ext = np.zeros(K, bool)
         for t in range(T):
             stay = blank_lp[t] + scores
             if stay.min() > scores.max() + best_token[t]:  # all K hypotheses live; blank wins for each
                 idx = np.argsort(-stay, kind="stable")
-                new_scores, lab = stay[idx], blanks
-                extended = np.zeros(K, bool)
-                states = [st[idx] for st in states]
+                new_scores, lab, extended = stay[idx], blanks, no_ext
             else:
-                repeated = last[:, None] == vocab[None, :]
-                cand = lp[t][None, :] + scores[:, None]
-                cand = np.where(repeated | blank_col[None, :], cand, cand + beta)
-                nexts = []
-                for f, st in zip(self.fusions, states, strict=True):
-                    answers = [f.automaton.advance(int(s)) for s in st]
-                    fs = np.stack([a[0] for a in answers])
-                    nexts.append(np.stack([a[1] for a in answers]))
-                    fs = np.where(repeated[:, :-1], np.float32(0.0), fs)
-                    cand[:, :-1] += np.float32(f.alpha) * fs
+                cand = lp[t] + scores[:, None]
+                nonrep = vocab != last[:, None]
+                if use_beta:
+                    cand += beta_row * nonrep
+                for m in range(nf):
+                    cand += fscore[m] * nonrep
                 flat = cand.ravel()
                 top = np.argpartition(flat, -K)[-K:]
                 top = top[np.argsort(-flat[top], kind="stable")]
                 new_scores = flat[top]
-                idx = top // V1
-                lab = top % V1
-                is_blank = lab == blank
-                extended = ~is_blank & (lab != last[idx])
-                for i, (st, nx) in enumerate(zip(states, nexts, strict=True)):
-                    states[i] = np.where(extended, nx[idx, np.where(is_blank, 0, lab)], st[idx])
-            new_scores = np.where(new_scores <= new_scores.max() - threshold, _NEG_INF, new_scores)
+                idx, lab = np.divmod(top, V1)
+                extended = (lab != blank) & (lab != last[idx])
+            new_scores[new_scores <= new_scores.max() - threshold] = _NEG_INF
             ptrs[t], labs[t] = idx, lab
-            lengths = lengths[idx] + extended
-            prev_hash = hashes[idx]
-            with np.errstate(over="ignore"):
-                hashes = np.where(extended, prev_hash * _MULTIPLIER + _INCREMENT + lab, prev_hash)
             last = lab
-            scores = new_scores.astype(np.float32)
+            scores = new_scores
+            if extended.any():
+                lengths = lengths[idx] + extended
+                prev_hash = hashes[idx]
+                # int64 arrays wrap silently on overflow, as torch's do: NeMo's hash arithmetic
+                hashes = np.where(extended, prev_hash * _MULTIPLIER + _INCREMENT + lab, prev_hash)
+                for m in range(nf):
+                    moved = fnext[m][idx, np.where(extended, lab, 0)]
+                    states[m] = np.where(extended, moved, states[m][idx])
+                    fscore[m], fnext[m] = fscore[m][idx], fnext[m][idx]
+                    for j in np.flatnonzero(extended):
+                        fscore[m][j], fnext[m][j] = row(m, int(states[m][j]))
+            else:
+                lengths, hashes = lengths[idx], hashes[idx]
+                for m in range(nf):
+                    states[m], fscore[m], fnext[m] = states[m][idx], fscore[m][idx], fnext[m][idx]
             if K > 1:  # recombine: same tokens, same last label -> keep the best of them
-                same = (hashes[:, None] == hashes[None, :]) & (last[:, None] == last[None, :])
-                same &= lengths[:, None] == lengths[None, :]
-                matrix = np.where(same, scores[None, :], _NEG_INF)
-                keep = matrix.argmax(axis=1) == rows
-                scores = np.where(keep, matrix.max(axis=1), _NEG_INF).astype(np.float32)
+                same = hashes[:, None] == hashes[None, :]
+                if same.sum() > K:
+                    same &= (last[:, None] == last[None, :]) & (lengths[:, None] == lengths[None, :])
+                    matrix = np.where(same, scores[None, :], _NEG_INF)
+                    keep = matrix.argmax(axis=1) == rows
+                    scores = np.where(keep, matrix.max(axis=1), _NEG_INF).astype(np.float32)
         for f, st in zip(self.fusions, states, strict=True):
             if f.eos:
                 scores = (scores + np.float32(f.alpha) * f.automaton.final[st]).astype(np.float32)

@@ -159,10 +159,10 @@ class Settings(BaseSettings):
                     keys.append(k)
         return keys
 
-    @property
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(self.beam_max_size, self.hotwords_max, self.hotword_max_chars)
 
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
 

@@ -220,8 +220,8 @@ class DecoderFactory:
     def _method(self, req: DecodeRequest) -> Method:
         if req.method:
             return req.method
-        if req.hotwords and req.strict:
-            return "beam"
+        if (req.hotwords and req.strict) or req.beam_size or req.lm_weight is not None or req.word_bonus is not None:
+            return "beam"  # options only beam search has imply it
         return self.defaults.method
 
     def resolve(self, req: DecodeRequest) -> PathDecoder | None:

@@ -78,7 +78,7 @@ class Automaton:
     def max_score(self) -> float:
         """An upper bound of any score ``advance`` returns: the best arc after the longest run of
         positive backoffs (the beam search's blank-frame short cut needs it)."""
-        hops, cur = 0, np.arange(self.num_states)
+        hops, cur = 0, np.arange(self.num_states).astype(np.int32)
         while (cur != 0).any():
             cur = self.backoff_to[cur]
             hops += 1
@@ -305,7 +305,7 @@ def _check_label(label: int, vocab_size: int) -> None:
 def _resolve_final(auto: Automaton) -> None:
     """A state's </s> weight through its backoffs (NeMo's ``_get_final_pytorch``), in float32."""
     out = auto.final.copy()
-    cur = np.arange(auto.num_states)
+    cur = np.arange(auto.num_states).astype(np.int32)
     acc = np.zeros(auto.num_states, np.float32)
     while (out <= NEMO_NEG_INF).any() and (cur != 0).any():
         acc += auto.backoff_w[cur]

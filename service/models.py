@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.decoders import DecoderFactory, PathDecoder
+from service.decoders import DecodeRequest, DecoderFactory, PathDecoder
 from service.decoding import SEGMENT_PAUSE_S, Detokenizer, FramePath, Word, ctc_align, read_token_map
 from service.engine import Device, Engine
 from service.features import FeatureExtractor, NormStats
@@ -173,6 +173,12 @@ class Recognizer:
                 )
         return Transcript(text=" ".join(texts), token_ids=ids, words=words)
 
-    def transcribe(self, audios: list[npt.NDArray[np.float32]], decoder: PathDecoder | None = None) -> list[Transcript]:
-        """Transcribe mono float32 signals at ``sample_rate``; one result per input, in order."""
+    def transcribe(
+        self, audios: list[npt.NDArray[np.float32]], decode: DecodeRequest | None = None
+    ) -> list[Transcript]:
+        """Transcribe mono float32 signals at ``sample_rate``; one result per input, in order.
+
+        Decoded as the server decodes a request with ``decode`` (default: the package's own way).
+        """
+        decoder = self.decoders.resolve(decode or DecodeRequest())
         return [self.decode(p) for p in self.paths(audios, None, [decoder] * len(audios))]

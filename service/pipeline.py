@@ -251,22 +251,32 @@ class Pipeline:
         return replace(out, decoding=rec.decoders.describe(decode))
 
     async def transcribe_samples(
-        self, entry: ModelEntry, samples: npt.NDArray[np.float32], *, timeout_s: float, guard: Guard = _unguarded
+        self,
+        entry: ModelEntry,
+        samples: npt.NDArray[np.float32],
+        *,
+        timeout_s: float,
+        guard: Guard = _unguarded,
+        decode: DecodeRequest | None = None,
     ) -> Outcome:
         """Transcribe mono float32 samples already at the model's rate (live audio, a committed buffer)."""
         t0 = time.perf_counter()
         sched = await self.registry.acquire(entry)
         try:
             rec = sched.recognizer
+            decode = decode or DecodeRequest()
+            decoder = await self._prep(rec.decoders.resolve, decode)
             if samples.shape[0] < rec.features.min_samples():
                 raise ClientError(400, "audio_too_short", "too little audio to transcribe", "audio")
             driver = plan_pieces(array_blocks(samples, rec.sample_rate), audio_plan(self.settings, rec), rec.features)
-            transcript, chunks = await self._run(driver, sched, timeout_s, guard)
+            transcript, chunks = await self._run(driver, sched, timeout_s, guard, decoder)
         finally:
             self.registry.release(entry)
         duration_s = samples.shape[0] / rec.sample_rate
         info = AudioInfo("RAW", "FLOAT", rec.sample_rate, 1, duration_s)
-        return self._done(entry, transcript, info, duration_s, t0, chunks)
+        return replace(
+            self._done(entry, transcript, info, duration_s, t0, chunks), decoding=rec.decoders.describe(decode)
+        )
 
     async def _run(
         self, driver: PieceDriver, sched: Scheduler, timeout_s: float, guard: Guard, decoder: PathDecoder | None = None

@@ -13,6 +13,7 @@ import pytest
 
 from service.audio import read_audio
 from service.config import Settings
+from service.decoders import DecodeRequest
 from service.models import ModelPackage, Recognizer
 from service.package import Manifest, peer_files
 from service.registry import default_model_name
@@ -33,8 +34,10 @@ def clips(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tu
 
 @pytest.fixture(scope="module")
 def ours(clips: list[tuple[Path, str]]) -> list[str]:
+    """Greedy, as the peers decode (the package's own default is beam search with its LM)."""
     rec = Recognizer(ModelPackage.open(SETTINGS.model_dir, SETTINGS.tokens_dir, DEFAULT))
-    return [rec.transcribe([read_audio(p, rec.sample_rate)[0]])[0].text for p, _ in clips]
+    greedy = DecodeRequest(method="greedy")
+    return [rec.transcribe([read_audio(p, rec.sample_rate)[0]], greedy)[0].text for p, _ in clips]
 
 
 def test_package_carries_what_the_peers_need() -> None:

@@ -99,7 +99,8 @@ RawPcmDep = Annotated[RawPcm, Depends(raw_pcm)]
 def decode_form(
     settings: SettingsDep,
     decoding: Annotated[
-        str | None, Form(description="greedy or beam (default: the model's, see /stats); hotwords imply beam")
+        str | None,
+        Form(description="greedy or beam (default: the model's); beam options and hotwords imply beam"),
     ] = None,
     beam_size: Annotated[int | None, Form(description="Beam width (1 to ASR_BEAM_MAX_SIZE)")] = None,
     lm_weight: Annotated[
