@@ -581,6 +581,14 @@ def main(argv: list[str] | None = None) -> int:
         help="STFT framing to record; default: that of the installed NeMo (zero_pad for >= 2.5)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-NeMo comparison after export")
+    p.add_argument(
+        "--lm-text",
+        type=Path,
+        nargs="+",
+        help="also attach a token-level n-gram LM estimated from these texts (one sentence per line; "
+        "attach_lm.py, which sets the decoding defaults too, does the same for an existing package)",
+    )
+    p.add_argument("--lm-order", type=int, default=6, help="order of the --lm-text LM (default 6)")
     args = p.parse_args(argv)
 
     name = args.name or Path(args.model).name.removesuffix(".nemo")
@@ -603,6 +611,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     diff = Manifest.read(out).onnx.max_abs_diff_vs_nemo
     print(f"wrote {out}/model.onnx, {out}/model.json, {args.tokens_dir}/{name}.txt")
+    if args.lm_text:
+        from attach_lm import attach
+
+        # Greedy stays the default; requests with decoding=beam use the LM at a middling weight.
+        # attach_lm.py sets measured weights and can make beam + LM the package's default.
+        stats = attach(out, args.tokens_dir, text=args.lm_text, order=args.lm_order, decoding={"lm_weight": 0.5})
+        print(f"attached {stats['file']} ({stats['bytes']} bytes): used by requests with decoding=beam")
     if diff is not None:
         print(f"ONNX vs NeMo log-probs: max |diff| = {diff:.2e}")
         if diff > 1e-3:

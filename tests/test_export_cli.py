@@ -231,3 +231,29 @@ def test_fp16_rounded_model_exports_at_half_the_weight(conformer: NemoModel) -> 
     ).stat().st_size
     assert saved >= 0.8 * 2 * half["parameters"], (saved, half["parameters"])
     _run_noise(work / "m", work / "t", "half", 30.0)
+
+
+def test_export_can_attach_a_language_model(conformer: NemoModel, tmp_path: Path) -> None:
+    """``--lm-text``: the package gets a token-level LM the runtime reads; greedy stays its default,
+    and a request for beam search uses the LM."""
+    from service.decoders import DecodeRequest
+    from service.lm import NGramLM
+    from service.models import ModelPackage, Recognizer
+    from testkit.speech import SENTENCES
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(s.lower() for s in SENTENCES) + "\n")
+    r = export(
+        str(conformer.nemo_path), "--name", "with_lm", "--no-check", "--max-audio-s", "30",
+        "--models-dir", str(tmp_path / "m"), "--tokens-dir", str(tmp_path / "t"),
+        "--lm-text", str(text), "--lm-order", "4",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "attached" in r.stdout
+    manifest = json.loads((tmp_path / "m" / "with_lm" / "model.json").read_text())
+    assert manifest["decoding"]["method"] == "greedy" and manifest["decoding"]["lm"]["order"] == 4
+    rec = Recognizer(ModelPackage.open(tmp_path / "m", tmp_path / "t", "with_lm"))
+    lm = rec.decoders.language_model()
+    assert isinstance(lm, NGramLM) and lm.max_order == 4
+    assert rec.decoders.describe(DecodeRequest())["method"] == "greedy"
+    assert rec.decoders.describe(DecodeRequest(method="beam"))["lm_weight"] == 0.5
