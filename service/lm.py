@@ -32,6 +32,7 @@ import gzip
 import math
 import re
 import threading
+from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -124,37 +125,47 @@ class Automaton:
         return total + (float(self.final[s]) if eos else 0.0)
 
     @classmethod
-    def _from_lists(
-        cls,
-        vocab_size: int,
-        arcs: list[tuple[int, int, int, float]],  # (from, label, to, weight)
-        backoff_to: list[int],
-        backoff_w: list[float],
-        final: list[float],
-        start_state: int,
-    ) -> Automaton:
-        n = len(backoff_to)
-        if arcs:
-            arr = np.array([(f, lab, t) for f, lab, t, _ in arcs], dtype=np.int64)
-            w = np.array([x[3] for x in arcs], dtype=np.float32)
-        else:
-            arr, w = np.zeros((0, 3), np.int64), np.zeros(0, np.float32)
-        order = np.lexsort((arr[:, 1], arr[:, 0]))
-        arr, w = arr[order], w[order]
-        starts = np.searchsorted(arr[:, 0], np.arange(n), side="left")
-        ends = np.searchsorted(arr[:, 0], np.arange(n), side="right")
+    def _from_buffer(cls, vocab_size: int, b: _Builder, start_state: int) -> Automaton:
+        n = len(b.backoff_to)
+        frm = np.frombuffer(b.arc_from, np.int32)
+        label = np.frombuffer(b.arc_label, np.int32)
+        order = np.lexsort((label, frm))
+        frm = frm[order]
+        states = np.arange(n)
         return cls(
             vocab_size=vocab_size,
-            arc_start=starts.astype(np.int64),
-            arc_end=ends.astype(np.int64),
-            arc_label=arr[:, 1].astype(np.int32),
-            arc_weight=w,
-            arc_to=arr[:, 2].astype(np.int32),
-            backoff_to=np.array(backoff_to, np.int32),
-            backoff_w=np.array(backoff_w, np.float32),
-            final=np.array(final, np.float32),
+            arc_start=np.searchsorted(frm, states, side="left").astype(np.int64),
+            arc_end=np.searchsorted(frm, states, side="right").astype(np.int64),
+            arc_label=label[order],
+            arc_weight=np.frombuffer(b.arc_weight, np.float64)[order].astype(np.float32),
+            arc_to=np.frombuffer(b.arc_to, np.int32)[order],
+            backoff_to=np.frombuffer(b.backoff_to, np.int32).copy(),
+            backoff_w=np.frombuffer(b.backoff_w, np.float64).astype(np.float32),
+            final=np.frombuffer(b.final, np.float64).astype(np.float32),
             start_state=start_state,
         )
+
+
+class _Builder:
+    """Arcs and states as they are read, in typed buffers (16 bytes an arc, not a tuple of objects:
+    reading a large ARPA must not cost many times its size in memory)."""
+
+    def __init__(self) -> None:
+        self.arc_from, self.arc_label, self.arc_to = array("i"), array("i"), array("i")
+        self.arc_weight = array("d")
+        self.backoff_to, self.backoff_w, self.final = array("i"), array("d"), array("d")
+
+    def arc(self, frm: int, label: int, to: int, weight: float) -> None:
+        self.arc_from.append(frm)
+        self.arc_label.append(label)
+        self.arc_to.append(to)
+        self.arc_weight.append(weight)
+
+    def state(self, backoff_to: int, backoff_w: float, final: float) -> int:
+        self.backoff_to.append(backoff_to)
+        self.backoff_w.append(backoff_w)
+        self.final.append(final)
+        return len(self.backoff_to) - 1
 
 
 # -- n-gram LM ------------------------------------------------------------------------------------
@@ -233,10 +244,9 @@ class NGramLM:
         normalize_unk: bool,
         path: Path | None,
     ) -> NGramLM:
-        arcs: list[tuple[int, int, int, float]] = []  # (from, label, to, weight)
-        backoff_to = [0, 0]  # state 0: the root (empty context); state 1: <s>
-        backoff_w = [0.0, 0.0]
-        final = [NEMO_NEG_INF, NEMO_NEG_INF]
+        b = _Builder()
+        b.state(0, 0.0, NEMO_NEG_INF)  # state 0: the root (empty context)
+        b.state(0, 0.0, NEMO_NEG_INF)  # state 1: <s>
         unk, has_bos = -math.inf, False
         unigram_state: dict[int, int] = {}
         lower: dict[tuple[int, ...], int] = {}  # states of the order below the current one
@@ -248,12 +258,6 @@ class NGramLM:
                 return 1 if ctx[0] == _BOS else unigram_state[ctx[0]]
             return lower[ctx]
 
-        def new_state(to: int, bo: float) -> int:
-            backoff_to.append(to)
-            backoff_w.append(bo)
-            final.append(NEMO_NEG_INF)
-            return len(backoff_to) - 1
-
         for order, syms, w, bo in ngrams:
             if order != order_now:
                 if order != order_now + 1 or order > max_order:
@@ -264,32 +268,35 @@ class NGramLM:
                 if label == _UNK:
                     unk = w
                 elif label == _BOS:
-                    has_bos, backoff_w[1] = True, bo
+                    has_bos, b.backoff_w[1] = True, bo
                 elif label == _EOS:
-                    final[0] = w
+                    b.final[0] = w
                 else:
                     _check_label(label, vocab_size)
-                    unigram_state[label] = st = new_state(0, bo)
-                    arcs.append((0, label, st, w))
+                    unigram_state[label] = st = b.state(0, bo, NEMO_NEG_INF)
+                    b.arc(0, label, st, w)
                 continue
             frm = state_of(syms[:-1])
             if label == _EOS:
-                final[frm] = w
+                b.final[frm] = w
                 continue
             _check_label(label, vocab_size)
             suffix = state_of(syms[1:])
             if order == max_order:  # no longer context: the arc leads to its suffix's state
-                arcs.append((frm, label, suffix, w))
+                b.arc(frm, label, suffix, w)
             else:
-                current[syms] = st = new_state(suffix, bo)
-                arcs.append((frm, label, st, w))
+                current[syms] = st = b.state(suffix, bo, NEMO_NEG_INF)
+                b.arc(frm, label, st, w)
         if not has_bos:
             raise LMError("ARPA has no <s> unigram")
         n_missing = vocab_size - len(unigram_state)
         if normalize_unk and n_missing > 1:
             unk = float(np.float32(unk)) - math.log(n_missing)
-        arcs += [(0, label, 0, unk) for label in range(vocab_size) if label not in unigram_state]
-        auto = Automaton._from_lists(vocab_size, arcs, backoff_to, backoff_w, final, start_state=1)
+        for label in range(vocab_size):
+            if label not in unigram_state:
+                b.arc(0, label, 0, unk)
+        lower, current = {}, {}  # free the context maps before the arrays are built
+        auto = Automaton._from_buffer(vocab_size, b, start_state=1)
         _resolve_final(auto)
         return cls(auto, max_order, path)
 
@@ -406,8 +413,8 @@ def _fill_fail(root: _Node) -> None:
 
 def _tree_automaton(root: _Node, vocab_size: int, unk_score: float) -> Automaton:
     """``BoostingTreeStorage``: the root has every token (phrase starts, else ``unk_score``)."""
-    arcs: list[tuple[int, int, int, float]] = []
-    backoff_to, backoff_w, final = [0], [0.0], [0.0]
+    b = _Builder()
+    b.state(0, 0.0, 0.0)
     state: dict[int, int] = {0: 0}
     queue: deque[_Node] = deque([root])
     while queue:  # breadth first: a failure target (shallower) has its state before it is needed
@@ -416,13 +423,11 @@ def _tree_automaton(root: _Node, vocab_size: int, unk_score: float) -> Automaton
             if not 0 <= tok < vocab_size:
                 raise LMError(f"phrase token {tok} outside the vocabulary of {vocab_size}")
             assert node.fail is not None
-            st = len(backoff_to)
-            state[node.id] = st
-            backoff_to.append(state[node.fail.id])
-            backoff_w.append(0.0 if node.is_end else node.fail.node_score - node.node_score)
-            final.append(0.0)
-            arcs.append((state[cur.id], tok, st, node.token_score))
+            backoff = 0.0 if node.is_end else node.fail.node_score - node.node_score
+            st = state[node.id] = b.state(state[node.fail.id], backoff, 0.0)
+            b.arc(state[cur.id], tok, st, node.token_score)
             queue.append(node)
-    first = {tok for tok in root.next}
-    arcs += [(0, label, 0, unk_score) for label in range(vocab_size) if label not in first]
-    return Automaton._from_lists(vocab_size, arcs, backoff_to, backoff_w, final, start_state=0)
+    for label in range(vocab_size):
+        if label not in root.next:
+            b.arc(0, label, 0, unk_score)
+    return Automaton._from_buffer(vocab_size, b, start_state=0)
