@@ -279,17 +279,18 @@ def run_hotwords(args: argparse.Namespace) -> dict[str, Any]:
         print(name, {k: f"{100 * v:.1f} %" for k, v in row.items()}, flush=True)
 
     score("greedy", decode_all(rec, lps, None))
-    score(f"beam {args.beam} + LM", decode_all(rec, lps, search(rec, lm, args.beam, args.alpha, args.beta)))
-    for cs in args.hotword_scores:
-        for depth in args.depths:
-            tree = BoostingTree.from_phrases(
-                [rec.decoders.spell(t) or [] for t in terms], [0.0] * len(terms), rec.blank_id, cs, depth
-            )
-            for weight in args.boost_weights:
-                fusions = (Fusion(lm.automaton, args.alpha, True), Fusion(tree.automaton, weight, False))
-                s = BeamSearch(blank_id=rec.blank_id, beam_size=args.beam, beam_beta=args.beta, fusions=fusions)
-                name = f"beam {args.beam} + LM + {len(terms)} hotwords (weight {weight}, score {cs}, depth {depth})"
-                score(name, decode_all(rec, lps, s))
+    for beam in args.beams or [args.beam]:
+        score(f"beam {beam} + LM", decode_all(rec, lps, search(rec, lm, beam, args.alpha, args.beta)))
+        for cs in args.hotword_scores:
+            for depth in args.depths:
+                tree = BoostingTree.from_phrases(
+                    [rec.decoders.spell(t) or [] for t in terms], [0.0] * len(terms), rec.blank_id, cs, depth
+                )
+                for weight in args.boost_weights:
+                    fusions = (Fusion(lm.automaton, args.alpha, True), Fusion(tree.automaton, weight, False))
+                    s = BeamSearch(blank_id=rec.blank_id, beam_size=beam, beam_beta=args.beta, fusions=fusions)
+                    name = f"beam {beam} + LM + {len(terms)} hotwords (weight {weight}, score {cs}, depth {depth})"
+                    score(name, decode_all(rec, lps, s))
     return out
 
 
@@ -298,14 +299,15 @@ def main() -> None:
     p.add_argument("what", choices=["wer", "speed", "hotwords"])
     p.add_argument("--orders", type=int, nargs="+", default=[4, 6])
     p.add_argument("--order", type=int, default=6)
-    p.add_argument("--prune", type=int, nargs="+")
+    p.add_argument("--prune", type=int, nargs="+", default=[0, 0, 1, 1, 2, 2], help="as the default package's LM")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.6)
+    p.add_argument("--beta", type=float, default=1.5)
+    p.add_argument("--beam", type=int, default=8)
+    p.add_argument("--beams", type=int, nargs="+", help="hotwords: these beam sizes, one block each")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--boost-weights", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--boost-weights", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     p.add_argument("--hotword-scores", type=float, nargs="+", default=[1.0])
     p.add_argument("--depths", type=float, nargs="+", default=[2.0])
     p.add_argument("--corpus", default=str(CACHE / "hotwords"))

@@ -1,8 +1,9 @@
 """Step 5: WER and CER (jiwer) of a model package, through the runtime the service uses.
 
 Each test manifest's audio goes through ``service.audio.read_audio`` and
-``service.models.Recognizer`` (numpy features, ONNX Runtime, greedy CTC): exactly the service's
-path, without HTTP. Prints a Markdown table, then (``--by-voice``) WER and CER per voice of each
+``service.models.Recognizer`` (numpy features, ONNX Runtime, the package's decoding: beam search
+with its LM for the default model, greedy with ``--greedy``): exactly the service's path, without
+HTTP. Prints a Markdown table, then (``--by-voice``) WER and CER per voice of each
 set, from the manifests' ``voice`` field: which voices the model fails on; and (``--seen-text
 train.json [more ...]``, manifests or plain text) the error rate of reference words by how often
 the training text has them (never, 1-4 times, 5 or more): a greedy CTC model with no language
@@ -28,6 +29,7 @@ import jiwer
 
 from service.audio import read_audio
 from service.config import Settings
+from service.decoders import DecodeRequest
 from service.models import ModelPackage, Recognizer
 from training.text import RARE
 
@@ -64,7 +66,12 @@ def word_errors_by_frequency(
 
 
 def evaluate(
-    rec: Recognizer, manifest: Path, batch: int = 8, limit: int = 0, seen: collections.Counter[str] | None = None
+    rec: Recognizer,
+    manifest: Path,
+    batch: int = 8,
+    limit: int = 0,
+    seen: collections.Counter[str] | None = None,
+    decode: DecodeRequest | None = None,
 ) -> dict[str, Any]:
     items = [json.loads(line) for line in manifest.open()]
     if limit:
@@ -79,7 +86,7 @@ def evaluate(
             samples, _ = read_audio(it["audio_filepath"], rec.sample_rate)
             audios.append(samples)
             audio_s += samples.shape[0] / rec.sample_rate
-        hyps += [t.text for t in rec.transcribe(audios)]
+        hyps += [t.text for t in rec.transcribe(audios, decode)]
         refs += [it["text"] for it in chunk]
     elapsed = time.perf_counter() - t0
     by_voice: dict[str, tuple[list[str], list[str]]] = {}
@@ -121,6 +128,11 @@ def main() -> None:
         "often it has the word",
     )
     p.add_argument("--json", type=Path, help="also write the results (with the breakdowns) here")
+    p.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy CTC instead of the package's own decoding (beam + LM if it has one)",
+    )
     args = p.parse_args()
 
     s = Settings()
@@ -132,7 +144,8 @@ def main() -> None:
     seen = None
     if args.seen_text:
         seen = collections.Counter(w for path in args.seen_text for w in training_words(path))
-    results = {m.stem: evaluate(rec, m, limit=args.limit, seen=seen) for m in args.sets}
+    decode = DecodeRequest(method="greedy") if args.greedy else None
+    results = {m.stem: evaluate(rec, m, limit=args.limit, seen=seen, decode=decode) for m in args.sets}
     print(f"model: {name}\n")
     print("| test set | utterances | hours | WER | CER | RTF |")
     print("|---|---|---|---|---|---|")
