@@ -6,9 +6,10 @@ word-level LM scores whole words; fused into the same frame-synchronous CTC beam
 and flashlight fuse word LMs: a hypothesis's state is (the word LM's state, the tokens of the word
 being spelled); a token that starts a word (SentencePiece's U+2581) completes the word before it
 and is scored log P(word | history) (a word the LM lacks: its ``<unk>`` weight); other tokens
-score 0; at the end the last word and ``</s>`` are scored. The word score therefore arrives one
-word late, as in those decoders; there is no lexicon constraint, so out-of-vocabulary spellings
-stay possible at the ``<unk>`` price.
+score 0, unless the word being spelled stops being the beginning of any word the LM knows: then
+it pays the ``<unk>`` weight at once (pyctcdecode's prefix check), not again when it completes; at
+the end the last word and ``</s>`` are scored. Known words are scored one word late, as in those
+decoders; out-of-vocabulary spellings stay possible at the ``<unk>`` price.
 
 This is a measurement, not a served decoder: ``python -m bench.word_lm`` estimates a word 4-gram
 and a token 6-gram from the same training text (``training/ngram.py``), chooses each one's LM
@@ -100,6 +101,8 @@ class WordFusion:
         self.detok = detok
         self.states: dict[tuple[int, tuple[int, ...]], int] = {}
         self.keys: list[tuple[int, tuple[int, ...]]] = []
+        self.prefixes = {w[:i] for w in lm.words for i in range(1, len(w) + 1)}
+        self.piece_text = [p.replace(SPACE_PIECE, "") for p in pieces]
         self._cache: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]] = {}
         self.start_state = self._intern((1, ()))  # the word LM's <s> state, no word begun
         self.max_score = 0.0  # log-probabilities; backoffs of this LM are checked below
@@ -114,11 +117,18 @@ class WordFusion:
             self.keys.append(key)
         return s
 
+    def _text(self, partial: tuple[int, ...]) -> str:
+        """The word being spelled: its pieces joined, without SentencePiece's word-boundary mark."""
+        return "".join(self.piece_text[v] for v in partial)
+
     def _complete(self, lm_state: int, partial: tuple[int, ...]) -> tuple[float, int]:
         if not partial:
             return 0.0, lm_state
-        word = self.detok(list(partial)).strip()
-        return self.lm.step(lm_state, self.lm.words.get(word))
+        text = self._text(partial)
+        word = self.lm.words.get(text)
+        if word is None and text not in self.prefixes:  # its <unk> weight was paid when it left the prefixes
+            return 0.0, self.lm.step(lm_state, None)[1]
+        return self.lm.step(lm_state, word)
 
     def advance(self, state: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
         hit = self._cache.get(state)
@@ -128,11 +138,15 @@ class WordFusion:
         score, after = self._complete(lm_state, partial)
         scores = np.where(self.starts_word & bool(partial), np.float32(score), np.float32(0)).astype(np.float32)
         nxt = np.empty(self.vocab_size, np.int32)
+        known = not partial or self._text(partial) in self.prefixes
         for v in range(self.vocab_size):
             if self.starts_word[v]:
                 nxt[v] = self._intern((after, (v,)))
             else:
-                nxt[v] = self._intern((lm_state, (*partial, v)))
+                longer = (*partial, v)
+                nxt[v] = self._intern((lm_state, longer))
+                if known and self._text(longer) not in self.prefixes:
+                    scores[v] = self.lm.unk  # leaves every known word here: <unk> now
         self._cache[state] = (scores, nxt)
         return scores, nxt
 
@@ -155,8 +169,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--word-order", type=int, default=4)
     p.add_argument("--beam", type=int, default=8)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
-    p.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
     args = p.parse_args()
     from training.ngram import build_arpa, read_sentences
 
