@@ -77,7 +77,13 @@ def add_middleware(app: FastAPI, state: ServiceState) -> None:
         on_reject=lambda: metrics.failure(registry.default, 413, "file_too_large"),
     )
     app.add_middleware(
-        Admission, gate=registry.gate, on_refuse=lambda: metrics.failure(registry.default, 503, "queue_full")
+        Admission,
+        gate=registry.gate,
+        uploads=registry.uploads,
+        on_refuse=lambda code, status: metrics.failure(registry.default, status, code),
+        idle_timeout_s=settings.upload_idle_timeout_s,
+        min_rate_bps=settings.upload_min_rate_kbps * 1000,
+        grace_s=settings.upload_grace_s,
     )
     app.add_middleware(ApiKeys, keys=settings.all_api_keys(), protect_probes=settings.auth_all_endpoints)
     app.add_middleware(RequestLog)

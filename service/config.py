@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         64, ge=1, description="Requests admitted at once, server-wide (uploading, queued or computing); beyond: 503"
     )
+    uploads_max: int = Field(
+        0, ge=0, description="Uploads whose body is still arriving, server-wide; beyond: 503 (0 = 2 x ASR_QUEUE_SIZE)"
+    )
+    upload_idle_timeout_s: float = Field(
+        10.0, gt=0, description="An upload that sends no body byte for this long is cut off with 408"
+    )
+    upload_min_rate_kbps: float = Field(
+        1.0, ge=0, description="Slowest average upload rate (kB/s) once ASR_UPLOAD_GRACE_S has passed; slower: 408"
+    )
+    upload_grace_s: float = Field(10.0, ge=0, description="How long an upload may take before its rate is checked")
     inference_workers: int = Field(
         1, ge=1, description="Batches computed at once; ONNX Runtime's intra-op threads are split among them"
     )

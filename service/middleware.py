@@ -9,6 +9,7 @@ and streaming bodies pass through untouched. Routes leave fields for the log lin
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -98,31 +99,115 @@ class BodyLimit:
         )
 
 
-class Admission:
-    """Take a server-wide admission slot *before* the body of a transcription is read.
+class UploadStopped(Exception):
+    """Raised into the app's body read when ``Admission`` ends an upload (it answers itself)."""
 
-    A full server answers 503 ``queue_full`` (with Retry-After) without reading or parsing the
-    upload, so refusals stay fast when the cores are busy. The slot is held until the answer
-    is sent.
+
+class Admission:
+    """Admit a transcription in two stages, and keep its upload moving.
+
+    1. On arrival, before any body byte is read: a server whose queue is full answers 503
+       ``queue_full`` (with Retry-After) at once, so refusals stay fast when the cores are busy;
+       otherwise the request takes an *upload* slot (``ASR_UPLOADS_MAX``; none left: 503 too).
+    2. When its body has arrived whole, it trades that for a *queue* slot (``ASR_QUEUE_SIZE``),
+       held until the answer is sent. Uploads still arriving, slow ones included, therefore never
+       hold the slots of requests whose audio is here (measured: ``tests/test_slow_uploads.py``).
+
+    An upload must keep coming, as nginx's ``client_body_timeout`` and Apache's ``mod_reqtimeout``
+    require: no gap between body chunks longer than ``ASR_UPLOAD_IDLE_TIMEOUT_S``, and, once
+    ``ASR_UPLOAD_GRACE_S`` has passed, at least ``ASR_UPLOAD_MIN_RATE_KBPS`` on average. Otherwise
+    the client gets 408 ``upload_too_slow`` and the connection is closed.
     """
 
-    def __init__(self, app: ASGIApp, gate: AdmissionGate, on_refuse: Callable[[], None]):
-        self.app, self.gate, self.on_refuse = app, gate, on_refuse
+    def __init__(
+        self,
+        app: ASGIApp,
+        gate: AdmissionGate,
+        uploads: AdmissionGate,
+        on_refuse: Callable[[str, int], None],
+        idle_timeout_s: float = 10.0,
+        min_rate_bps: float = 1000.0,
+        grace_s: float = 10.0,
+    ):
+        self.app, self.gate, self.uploads, self.on_refuse = app, gate, uploads, on_refuse
+        self.idle_timeout_s, self.min_rate_bps, self.grace_s = idle_timeout_s, min_rate_bps, grace_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in TRANSCRIBE_PATHS:
             await self.app(scope, receive, send)
             return
         try:
-            self.gate.admit()
+            self.gate.check()
+            self.uploads.admit()
         except ServiceUnavailable as e:
-            self.on_refuse()
+            self.on_refuse(e.code, e.status)
             await refuse(e, scope, receive, send)
             return
+        t0 = time.monotonic()
+        seen = 0
+        holding = "upload"  # which slot this request holds: "upload", "queue" or ""
+        stopped: ServiceError | None = None
+        sent = False
+
+        def fail(err: ServiceError) -> UploadStopped:
+            nonlocal stopped
+            stopped = err
+            return UploadStopped(err.code)
+
+        async def paced_receive() -> Message:
+            nonlocal seen, holding
+            if stopped is not None:
+                return {"type": "http.disconnect"}
+            if holding != "upload":  # the body is in: later reads only wait for a disconnect
+                return await receive()
+            elapsed = time.monotonic() - t0
+            wait = self.idle_timeout_s
+            if self.min_rate_bps > 0:  # when the average rate would fall below the minimum
+                wait = min(wait, max(self.grace_s, seen / self.min_rate_bps) - elapsed)
+            try:
+                msg = await asyncio.wait_for(receive(), max(wait, 0.001))
+            except TimeoutError:
+                late = time.monotonic() - t0
+                raise fail(
+                    ClientError(
+                        408,
+                        "upload_too_slow",
+                        f"the upload stalled: {seen} bytes in {late:.0f} s (no gap over "
+                        f"{self.idle_timeout_s:g} s and at least {self.min_rate_bps / 1000:g} kB/s after "
+                        f"{self.grace_s:g} s are required)",
+                        "file",
+                        {"Connection": "close"},
+                    )
+                ) from None
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    try:
+                        self.gate.admit()
+                    except ServiceUnavailable as e:
+                        raise fail(e) from None
+                    self.uploads.release()
+                    holding = "queue"
+            return msg
+
+        async def guarded_send(msg: Message) -> None:
+            nonlocal sent
+            if stopped is not None:
+                return  # the app's answer to a stopped upload is replaced below
+            sent = True
+            await send(msg)
+
         try:
-            await self.app(scope, receive, send)
+            with suppress(UploadStopped):  # usually the app turns it into an answer guarded_send drops
+                await self.app(scope, paced_receive, guarded_send)
         finally:
-            self.gate.release()
+            if holding == "upload":
+                self.uploads.release()
+            elif holding == "queue":
+                self.gate.release()
+        if stopped is not None and not sent:
+            self.on_refuse(stopped.code, stopped.status)
+            await refuse(stopped, scope, receive, send)
 
 
 WS_KEY_PREFIX = "openai-insecure-api-key."

@@ -45,7 +45,8 @@ def default_model_name(settings: Settings) -> str:
 
 
 class AdmissionGate:
-    """At most ``capacity`` requests in progress server-wide (uploading, queued or computing)."""
+    """At most ``capacity`` requests in progress server-wide (queued or computing; uploads whose
+    body is still arriving hold a slot of ``uploads`` instead, see ``service.middleware.Admission``)."""
 
     def __init__(self, capacity: int, retry_after_s: Callable[[], int]):
         self.capacity = max(1, capacity)
@@ -53,13 +54,17 @@ class AdmissionGate:
         self.max_admitted = 0
         self._retry_after_s = retry_after_s
 
-    def admit(self) -> None:
+    def check(self) -> None:
+        """Raise the 503 ``admit`` would, without taking a slot."""
         if self.admitted >= self.capacity:
             raise ServiceUnavailable(
                 "queue_full",
                 f"server busy: {self.admitted} requests in progress (capacity {self.capacity}); retry later",
                 self._retry_after_s(),
             )
+
+    def admit(self) -> None:
+        self.check()
         self.admitted += 1
         self.max_admitted = max(self.max_admitted, self.admitted)
 
@@ -109,6 +114,7 @@ class ModelRegistry:
             if n != "*" and n not in self.entries:
                 log.warning("ASR_PRELOAD_MODELS names %s, which is not in %s", n, settings.model_dir)
         self.gate = AdmissionGate(settings.queue_size, self.retry_after_s)
+        self.uploads = AdmissionGate(settings.uploads_max or 2 * settings.queue_size, self.retry_after_s)
 
     # -- discovery ----------------------------------------------------------------------------
     def refresh(self) -> None:

@@ -112,7 +112,14 @@ async def stats(state: StateDep) -> dict[str, Any]:
     return {
         **state.metrics.process_snapshot(),
         "default_model": registry.default,
-        "admission": {"in_progress": gate.admitted, "max_in_progress": gate.max_admitted, "capacity": gate.capacity},
+        "admission": {
+            "in_progress": gate.admitted,
+            "max_in_progress": gate.max_admitted,
+            "capacity": gate.capacity,
+            "uploading": registry.uploads.admitted,
+            "max_uploading": registry.uploads.max_admitted,
+            "upload_capacity": registry.uploads.capacity,
+        },
         "models_memory_mb": {
             "used": round(sum(e.footprint_mb for e in registry.entries.values() if e.status == "ready"), 1),
             "budget": state.settings.models_memory_mb or None,
