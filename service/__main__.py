@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         # SIGTERM/SIGINT: uvicorn stops accepting, lets in-flight requests finish for at most
         # this long, then runs the app's shutdown (queued jobs are refused, threads joined).
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+        http=settings.http,
+        loop=settings.loop,
         access_log=False,  # service.app logs one structured line per request instead
         log_config=None,  # keep the handlers configure_logging installed
     )

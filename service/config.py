@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS ('*' for any); empty: CORS off"
     )
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn's HTTP parser: auto = httptools (C) when installed, else h11 (pure Python)"
+    )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="Event loop: auto = uvloop when installed, else asyncio's"
+    )
     host: str = Field("0.0.0.0", description="Interface to listen on")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
