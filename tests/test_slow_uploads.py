@@ -153,3 +153,10 @@ def test_a_client_below_the_minimum_rate_is_cut_off(wav: bytes) -> None:
         finally:
             for x in socks:
                 x.close()
+
+
+def test_both_http_stacks_serve(wav: bytes) -> None:
+    """ASR_HTTP / ASR_LOOP: uvicorn's pure-Python stack still serves (the C fast paths are the default)."""
+    with running_server({"ASR_HTTP": "h11", "ASR_LOOP": "asyncio"}) as url:
+        r = httpx.post(f"{url}/transcribe", files={"file": ("a.wav", wav)}, timeout=30)
+        assert r.status_code == 200 and r.json()["text"]
