@@ -45,6 +45,8 @@ class OnnxSection(_Section):
     output: str = "logprobs"
     max_abs_diff_vs_nemo: float | None = Field(None, description="the export's own ONNX-vs-NeMo check")
     fp16_weights: int = Field(0, description="weights stored as float16 (exactly their values) behind a Cast")
+    precision: Literal["float32", "int8"] = "float32"
+    quantization: str | None = Field(None, description="how an int8 graph was quantized")
 
 
 class EncoderSection(_Section):

@@ -257,3 +257,38 @@ def test_export_can_attach_a_language_model(conformer: NemoModel, tmp_path: Path
     assert isinstance(lm, NGramLM) and lm.max_order == 4
     assert rec.decoders.describe(DecodeRequest())["method"] == "greedy"
     assert rec.decoders.describe(DecodeRequest(method="beam"))["lm_weight"] == 0.5
+
+
+def test_int8_export_is_served_and_reports_its_deviation(
+    conformer: NemoModel, tmp_path: Path, speech_dir: Path
+) -> None:
+    """``--quantize int8``: the package records its precision, the NeMo check reports the quantized
+    graph's deviation (it cannot be 1e-3), and the runtime serves it close to the float32 graph."""
+    import numpy as np
+
+    from service.audio import read_audio
+    from service.models import ModelPackage, Recognizer
+    from tests.conftest import speech_files
+
+    r = export(
+        str(conformer.nemo_path), "--name", "q8", "--quantize", "int8", "--max-audio-s", "300",
+        "--models-dir", str(tmp_path / "m"), "--tokens-dir", str(tmp_path / "t"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "m" / "q8" / "model.json").read_text())
+    assert manifest["onnx"]["precision"] == "int8" and "MatMul" in manifest["onnx"]["quantization"]
+    assert 1e-3 < manifest["onnx"]["max_abs_diff_vs_nemo"] < 5.0
+    assert manifest.get("nemo_state") is None and not (tmp_path / "m" / "q8" / "nemo_state.npz").exists()
+    float_size = (conformer.model_dir / conformer.name / "model.onnx").stat().st_size
+    assert (tmp_path / "m" / "q8" / "model.onnx").stat().st_size < float_size
+    q8 = Recognizer(ModelPackage.open(tmp_path / "m", tmp_path / "t", "q8"))
+    f32 = Recognizer(ModelPackage.open(conformer.model_dir, conformer.tokens_dir, conformer.name))
+    agree, frames = 0, 0
+    for f in speech_files(speech_dir)[:4]:
+        x = read_audio(f, 16000)[0]
+        a, _ = q8.logprobs([x])
+        b, _ = f32.logprobs([x])
+        assert np.abs(a - b).max() < 5.0
+        agree += int((a[0].argmax(-1) == b[0].argmax(-1)).sum())
+        frames += a.shape[1]
+    assert agree / frames > 0.8, agree / frames  # random weights: near-uniform posteriors, yet mostly the same labels
