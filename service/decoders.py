@@ -161,18 +161,14 @@ class DecoderFactory:
         pkg_dir: Path,
         defaults: DecodingSection | None,
         pieces: list[str],
-        spm_path: Path | None,
+        sp: Any,
     ):
         self.name = name
         self.defaults = defaults or DecodingSection()
         self.vocab_size = len(pieces)
         self.blank_id = len(pieces)
         self._pieces = {p: i for i, p in enumerate(pieces)}
-        self._sp: Any = None
-        if spm_path is not None:
-            import sentencepiece as spm
-
-            self._sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+        self._sp = sp  # the Detokenizer's SentencePiece processor (None: a character vocabulary), not a second load
         self._lm: NGramLM | None = None
         self._lm_lock = threading.Lock()
         self._trees: OrderedDict[tuple[Hotword, ...], BoostingTree] = OrderedDict()

@@ -84,7 +84,7 @@ class Detokenizer:
 
     def __init__(self, pieces: list[str], spm_path: Path | None, supported_punctuation: list[str]):
         self.pieces = pieces
-        self._sp: Any = None
+        self._sp: Any = None  # also DecoderFactory's, to spell hotwords (``processor``)
         if spm_path is not None:
             import sentencepiece as spm
 
@@ -102,6 +102,11 @@ class Detokenizer:
         # joins the word before it)?
         marks = set(supported_punctuation)
         self._is_punct = [bool(t) and t in marks for t in (self([i]).strip() for i in range(len(pieces)))]
+
+    @property
+    def processor(self) -> Any:
+        """The SentencePiece processor (None for a character vocabulary)."""
+        return self._sp
 
     def words(self, align: Alignment, frame_shift_s: float) -> list[Word]:
         """Group an alignment's tokens into timed words, as NeMo's ``get_words_offsets`` does."""

@@ -95,7 +95,7 @@ class Recognizer:
         self.blank_id = vocab.blank_id
         self.detokenize = Detokenizer(pieces[:-1], package.spm_path, vocab.supported_punctuation)
         self.decoders = DecoderFactory(
-            package.name, package.onnx_path.parent, m.decoding, pieces[:-1], package.spm_path
+            package.name, package.onnx_path.parent, m.decoding, pieces[:-1], self.detokenize.processor
         )
         self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads)
         self.sample_rate = m.features.sample_rate
