@@ -6,6 +6,7 @@ host with network access. Output, under the project root (or the directories you
 
     models/<name>/model.onnx   NeMo's own ONNX export (encoder + CTC decoder, log-softmax output),
                                with metadata for sherpa-onnx and onnx-asr
+    models/<name>/model.onnx.data  its weights, when they pass protobuf's 2 GB limit (external data)
     models/<name>/model.json   every parameter the runtime needs, read from the model itself
     models/<name>/nemo_state.npz  with model.onnx, the NeMo weights exactly (for training runs
                                that continue from the package; the service does not read it)
@@ -27,7 +28,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -41,6 +41,7 @@ from service.decoding import SPACE_PIECE, Subsampling
 from service.features import FeatureConfig
 from service.package import (
     EncoderSection,
+    ExternalDataSection,
     Manifest,
     NemoStateSection,
     OnnxSection,
@@ -109,6 +110,26 @@ def ctc_parts(model: Any) -> tuple[Any, str]:
         f"{cls} is not a CTC model. This exporter handles EncDecCTCModel, EncDecCTCModelBPE and "
         "hybrid RNNT/CTC models (exported through their CTC head)."
     )
+
+
+def refuse_local_attention(model: Any) -> None:
+    """Refuse an encoder switched to local attention (``change_attention_model("rel_pos_local_attn")``).
+
+    NeMo 3.0's Longformer-style attention builds its overlapping chunks with ``as_strided``, which
+    the ONNX exporter traces with the example input's strides: the graph exports without an error
+    and computes wrong log-probs at every length (max |diff| 6-13 on a random FastConformer, at
+    20 s and at 37-1001 feature frames). NeMo uses local attention to run hours of audio in one
+    pass; the service reaches long audio by windowing the global-attention graph instead
+    (``service/longform.py``), which exports exactly.
+    """
+    enc = getattr(model, "encoder", None)
+    if getattr(enc, "self_attention_model", None) == "rel_pos_local_attn":
+        raise ExportError(
+            "this model's encoder uses local attention (rel_pos_local_attn), which NeMo's ONNX export "
+            "does not reproduce (as_strided is traced at one input size). Export it with global attention, "
+            "as Parakeet and most NeMo models are trained (model.change_attention_model('rel_pos', [-1, -1])): "
+            "the service windows long audio."
+        )
 
 
 def feature_params(model: Any, framing: str) -> dict[str, Any]:
@@ -281,21 +302,85 @@ PER_CHANNEL = True
 INT8_METHOD = "onnxruntime quantize_dynamic: MatMul weights int8 per output channel, activations uint8 per call"
 
 
-def quantize_int8(path: Path) -> None:
-    """Quantize ``path`` in place: ONNX Runtime's dynamic quantization of the MatMuls.
+def quantize_int8(graph: Any) -> Any:
+    """The ModelProto ``graph`` with ONNX Runtime's dynamic quantization of its MatMuls.
 
     Dynamic (weights int8 ahead of time, activations scaled per call) needs no calibration audio;
     MatMuls only (the attention and feed-forward projections: most of a Conformer's multiply-adds;
     convolutions stay float32); per output channel. Chosen by measurement (README, "int8").
+    A graph past 2 GB goes through the quantizer as external data.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    big = needs_external_data(graph)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "int8.onnx"
+        src, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        save_graph(graph, src, external=big)
         quantize_dynamic(
-            str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=PER_CHANNEL
+            str(src),
+            str(out),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=PER_CHANNEL,
+            use_external_data_format=big,
         )
-        shutil.move(out, path)
+        return onnx.load(str(out))  # with its external data, if any, in memory
+
+
+# Protobuf cannot serialize a message of 2 GiB or more. Past this share of it, the weights go to
+# an external data file (the graph structure and metadata need the rest, and some headroom).
+PROTOBUF_LIMIT = 2**31
+EXTERNAL_DATA_AT = int(PROTOBUF_LIMIT * 0.9)
+
+
+def needs_external_data(graph: Any) -> bool:
+    """Whether ``graph`` (a ModelProto with its weights in memory) is too big for one protobuf file."""
+    from onnx import numpy_helper
+
+    total = 0
+    for init in graph.graph.initializer:
+        total += len(init.raw_data) if init.HasField("raw_data") else numpy_helper.to_array(init).nbytes
+    return total >= EXTERNAL_DATA_AT
+
+
+def save_graph(graph: Any, path: Path, external: bool) -> ExternalDataSection | None:
+    """Write ``graph`` to ``path``; with ``external``, its weights to ``<path>.data`` beside it.
+
+    One data file (not torch's file per tensor), so a package stays three files an operator can
+    copy and a checksum covers. ``graph`` keeps its weights in memory.
+    """
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if not external:
+        onnx.save(graph, str(path))
+        return None
+    onnx.save(
+        graph,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+        convert_attribute=False,
+    )
+    data.chmod(path.stat().st_mode & 0o777)  # onnx creates it 0600: unreadable to a service running as another user
+    onnx.load_external_data_for_model(graph, str(path.parent))  # saving moved them out of the proto
+    return ExternalDataSection(file=data.name, sha256=sha256_file(data), bytes=data.stat().st_size)
+
+
+def check_graph(graph: Any) -> None:
+    """ONNX's checker on ``graph``; one past 2 GB is checked from a file, as the checker requires."""
+    import onnx
+
+    if not needs_external_data(graph):
+        onnx.checker.check_model(graph)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_graph(graph, Path(tmp) / "check.onnx", external=True)
+        onnx.checker.check_model(str(Path(tmp) / "check.onnx"))
 
 
 def add_onnx_metadata(m: Any, meta: dict[str, str]) -> None:
@@ -492,6 +577,7 @@ def export(
     framing: str | None,
     check: bool,
     quantize: str = "none",
+    external_data_mode: str = "auto",
 ) -> Path:
     import nemo
     import numpy as np
@@ -501,6 +587,7 @@ def export(
     model = load_model(source)
     model.eval()
     decoder, model_type = ctc_parts(model)
+    refuse_local_attention(model)
     feats = feature_params(model, framing or nemo_framing())
     sub = subsampling_params(model)
 
@@ -542,14 +629,19 @@ def export(
         "comment": f"exported by export_to_onnx.py from {model_type} with NeMo {nemo.__version__}",
     }
     add_onnx_metadata(graph, peer_meta)
-    onnx.checker.check_model(graph)
-    onnx.save(graph, str(onnx_path))
+    check_graph(graph)
+    float_graph = graph
     if quantize == "int8":
-        quantize_int8(onnx_path)
+        graph = quantize_int8(graph)
         (out_dir / NEMO_STATE_FILE).unlink(missing_ok=True)  # an int8 graph cannot rebuild the NeMo weights
+    external_data = save_graph(graph, onnx_path, external=external_data_mode == "always" or needs_external_data(graph))
+    del graph
 
     onnx_sha256 = sha256_file(onnx_path)
-    nemo_state = write_nemo_state(model, graph, onnx_sha256, out_dir / NEMO_STATE_FILE) if quantize != "int8" else None
+    nemo_state = (
+        write_nemo_state(model, float_graph, onnx_sha256, out_dir / NEMO_STATE_FILE) if quantize != "int8" else None
+    )
+    del float_graph
 
     max_diff = verify(model, decoder, onnx_path, sub) if check else None
     streaming = None
@@ -568,6 +660,7 @@ def export(
         onnx=OnnxSection(
             file=onnx_path.name,
             sha256=onnx_sha256,
+            external_data=external_data,
             max_abs_diff_vs_nemo=max_diff,
             fp16_weights=fp16_tensors,
             precision="int8" if quantize == "int8" else "float32",
@@ -627,6 +720,13 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="int8: dynamic int8 MatMuls (smaller, faster on CPUs with VNNI; the NeMo check reports its deviation)",
     )
+    p.add_argument(
+        "--external-data",
+        choices=["auto", "always"],
+        default="auto",
+        help="weights in model.onnx.data beside the graph: auto (default) when the graph would pass "
+        "protobuf's 2 GB limit (Parakeet-CTC 0.6B and up in float32), always for any size",
+    )
     args = p.parse_args(argv)
 
     name = args.name or Path(args.model).name.removesuffix(".nemo")
@@ -644,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
             args.framing,
             check=not args.no_check,
             quantize=args.quantize,
+            external_data_mode=args.external_data,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,9 +37,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ExternalDataSection(_Section):
+    """The weights of a graph past protobuf's 2 GB limit, in one file beside it (ONNX external data).
+
+    ONNX Runtime finds it by the name the graph records, relative to the graph's folder.
+    """
+
+    file: str
+    sha256: str
+    bytes: int
+
+
 class OnnxSection(_Section):
     file: str = "model.onnx"
     sha256: str | None = None
+    external_data: ExternalDataSection | None = Field(None, description="the weights' file, for graphs over 2 GB")
     opset: int = 17
     inputs: list[str] = Field(default_factory=lambda: ["audio_signal", "length"])
     output: str = "logprobs"

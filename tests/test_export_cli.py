@@ -292,3 +292,77 @@ def test_int8_export_is_served_and_reports_its_deviation(
         agree += int((a[0].argmax(-1) == b[0].argmax(-1)).sum())
         frames += a.shape[1]
     assert agree / frames > 0.8, agree / frames  # random weights: near-uniform posteriors, yet mostly the same labels
+
+
+def test_external_data_package_is_served_identically_and_checked(
+    conformer: NemoModel, tmp_path: Path, speech_dir: Path
+) -> None:
+    """``--external-data always`` (what ``auto`` does past 2 GB, as for Parakeet-CTC 0.6B in float32):
+    the weights go to one ``model.onnx.data`` beside a small graph, model.json records its size and
+    checksum, the export's NeMo check passes through it, the runtime computes exactly what the
+    one-file package does, and a truncated or missing weights file is refused at load."""
+    import numpy as np
+
+    from service.audio import read_audio
+    from service.models import ModelPackage, Recognizer
+    from service.package import PackageError
+    from tests.conftest import speech_files
+
+    r = export(
+        str(conformer.nemo_path), "--name", "ext", "--external-data", "always", "--max-audio-s", "300",
+        "--models-dir", str(tmp_path / "m"), "--tokens-dir", str(tmp_path / "t"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    pkg = tmp_path / "m" / "ext"
+    manifest = json.loads((pkg / "model.json").read_text())
+    ext = manifest["onnx"]["external_data"]
+    data = pkg / "model.onnx.data"
+    assert ext["file"] == "model.onnx.data" and ext["bytes"] == data.stat().st_size
+    assert data.stat().st_mode & 0o777 == (pkg / "model.onnx").stat().st_mode & 0o777  # not onnx's 0600
+    assert manifest["onnx"]["max_abs_diff_vs_nemo"] <= 1e-3
+    one_file = conformer.model_dir / conformer.name / "model.onnx"
+    # The weights (float32, all but the tensors under 1 KiB) are in the data file; what stays in the
+    # graph is its structure and the positional table (a Constant node, sized by --max-audio-s).
+    assert 0.9 * manifest["parameters"] * 4 <= data.stat().st_size <= manifest["parameters"] * 4
+    total = (pkg / "model.onnx").stat().st_size + data.stat().st_size
+    assert abs(total - one_file.stat().st_size) < 0.02 * one_file.stat().st_size
+    assert manifest.get("nemo_state") is not None  # the NeMo weights index is written from the same graph
+
+    split = Recognizer(ModelPackage.open(tmp_path / "m", tmp_path / "t", "ext"))
+    whole = Recognizer(ModelPackage.open(conformer.model_dir, conformer.tokens_dir, conformer.name))
+    for f in speech_files(speech_dir)[:3]:
+        x = read_audio(f, 16000)[0]
+        a, _ = split.logprobs([x])
+        b, _ = whole.logprobs([x])
+        np.testing.assert_array_equal(a, b)
+
+    blob = data.read_bytes()
+    data.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(PackageError, match=r"model\.onnx\.data"):
+        ModelPackage.open(tmp_path / "m", tmp_path / "t", "ext")
+    data.unlink()
+    with pytest.raises(PackageError, match="missing"):
+        ModelPackage.open(tmp_path / "m", tmp_path / "t", "ext")
+
+
+def test_local_attention_is_refused_not_exported_wrong(conformer: NemoModel, tmp_path: Path) -> None:
+    """NeMo's local attention (``rel_pos_local_attn``, what it switches long-audio FastConformers to)
+    exports without an error but computes wrong log-probs at every length (as_strided is traced at the
+    example's size): the exporter refuses it by name, with the way out, instead of writing that graph."""
+    py = require_export_python()
+    local = tmp_path / "local.nemo"
+    script = (
+        "import sys, logging; logging.getLogger('nemo_logger').setLevel(logging.ERROR)\n"
+        "from nemo.collections.asr.models import ASRModel\n"
+        "m = ASRModel.restore_from(sys.argv[1], map_location='cpu')\n"
+        "m.change_attention_model('rel_pos_local_attn', [16, 16])\n"
+        "m.save_to(sys.argv[2])\n"
+    )
+    subprocess.run(
+        [py, "-c", script, str(conformer.nemo_path), str(local)],
+        check=True, capture_output=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    r = export(str(local), "--name", "local", "--models-dir", str(tmp_path / "m"), "--tokens-dir", str(tmp_path / "t"))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "local attention" in r.stderr and "change_attention_model('rel_pos'" in r.stderr
+    assert not (tmp_path / "m" / "local" / "model.onnx").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -105,11 +106,24 @@ ARCHS["streaming_large"] = {
     "att_context": [[70, 13], [70, 6], [70, 1], [70, 0]],
     "streaming": True,
 }
+# The shapes of nvidia/parakeet-ctc-0.6b and -1.1b (FastConformer, d_model 1024, 8x depthwise
+# subsampling; 24 and 42 layers): bench/big_model.py, for size, load and speed (not in CI).
+for _name, _layers in (("parakeet_0.6b", 24), ("parakeet_1.1b", 42)):
+    ARCHS[_name] = {
+        "subsampling": "dw_striding",
+        "subsampling_factor": 8,
+        "d_model": 1024,
+        "n_heads": 8,
+        "n_layers": _layers,
+        "ff_expansion_factor": 4,
+        "subsampling_conv_channels": 256,
+        "conv_kernel_size": 9,
+    }
 ARCHS["streaming_hybrid"] = ARCHS["streaming"]  # the same, hybrid RNNT/CTC (served through its CTC head)
 CHAR_LABELS = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
 
 
-def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
+def build(out: Path, arch: str, seed: int, vocab_size: int, text: Path | None = None) -> Path:
     import torch
     from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
@@ -119,7 +133,10 @@ def build(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tok-", dir=out))
     text_file = work / "text.txt"
-    text_file.write_text((HINDI_TEXT if arch == "hindi" else TEXT) * 4, encoding="utf-8")
+    if text is not None:  # a corpus big enough for a real model's vocabulary (1024 pieces for parakeet)
+        shutil.copyfile(text, text_file)
+    else:
+        text_file.write_text((HINDI_TEXT if arch == "hindi" else TEXT) * 4, encoding="utf-8")
     create_spt_model(
         str(text_file),
         vocab_size=vocab_size,
@@ -247,10 +264,11 @@ def main() -> None:
     p.add_argument("--arch", choices=sorted({*ARCHS, "rnnt", "hybrid"}), default="conformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=64)
+    p.add_argument("--text", type=Path, help="train the tokenizer on this text instead of the built-in lines")
     args = p.parse_args()
     logging.getLogger("nemo_logger").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(build(args.out, args.arch, args.seed, args.vocab_size))
+    print(build(args.out, args.arch, args.seed, args.vocab_size, args.text))
 
 
 if __name__ == "__main__":
