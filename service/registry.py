@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.config import Settings
+from service.engine import release_memory
 from service.errors import ClientError, ServiceUnavailable
 from service.metrics import Metrics
 from service.models import ModelPackage, Recognizer
@@ -283,6 +284,9 @@ class ModelRegistry:
             t1 = time.perf_counter()
             # Warm-up: the first run allocates buffers and picks kernels; do it before saying ready.
             rec.transcribe([np.zeros(rec.sample_rate, dtype=np.float32)])
+            # Loading copies and rewrites the graph's weights (fusions, prepacking); what it freed stays
+            # in this thread's malloc arena unless handed back (bench/big_model.py: RSS at ready).
+            release_memory()
         except Exception as e:  # any failure (bad package, ORT refusing the graph) must become a 503 reason
             entry.status = "failed"
             entry.reason = str(e) if isinstance(e, PackageError) else f"{type(e).__name__}: {e}"
