@@ -21,24 +21,33 @@ from testkit.speech import SENTENCES, VOICES, synthesize
 
 CACHE = ROOT / ".cache" / "bench"
 NAME = "bench_medium_ctc"
+INT8_NAME = "bench_medium_ctc_int8"
 RESULTS = ROOT / "bench" / "results"
 
 
-def medium_model() -> tuple[Path, Path]:
-    """(models dir, tokens dir) holding the medium-shaped package; built on first use (~2 min)."""
+def medium_model(precision: str = "float32") -> tuple[Path, Path]:
+    """(models dir, tokens dir) holding the medium-shaped package; built on first use (~2 min).
+
+    ``precision="int8"`` also exports the same NeMo model with ``--quantize int8`` as
+    ``bench_medium_ctc_int8`` (``INT8_NAME``), beside the float32 one.
+    """
     models, tokens = CACHE / "models", CACHE / "tokens"
-    if (models / NAME / "model.json").exists():
+    name = NAME if precision == "float32" else INT8_NAME
+    if (models / name / "model.json").exists():
         return models, tokens
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     py = str(EXPORT_PYTHON)
-    print("building the medium-shaped model with NeMo (once) ...", flush=True)
+    if not (CACHE / "nemo" / "model.nemo").exists():
+        print("building the medium-shaped model with NeMo (once) ...", flush=True)
+        subprocess.run(
+            [py, "tests/nemo_side/build_model.py", "--out", str(CACHE / "nemo"), "--arch", "medium",
+             "--vocab-size", "128"],
+            check=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+    quant = ["--quantize", "int8"] if precision == "int8" else []
     subprocess.run(
-        [py, "tests/nemo_side/build_model.py", "--out", str(CACHE / "nemo"), "--arch", "medium", "--vocab-size", "128"],
-        check=True, cwd=ROOT, env=env,
-    )  # fmt: skip
-    subprocess.run(
-        [py, "export_to_onnx.py", str(CACHE / "nemo" / "model.nemo"), "--name", NAME, "--language", "hi",
-         "--models-dir", str(models), "--tokens-dir", str(tokens), "--max-audio-s", "300"],
+        [py, "export_to_onnx.py", str(CACHE / "nemo" / "model.nemo"), "--name", name, "--language", "hi",
+         "--models-dir", str(models), "--tokens-dir", str(tokens), "--max-audio-s", "300", *quant],
         check=True, cwd=ROOT, env=env,
     )  # fmt: skip
     return models, tokens
