@@ -85,19 +85,28 @@ class Engine:
     """
 
     def __init__(
-        self, onnx_path: Path | str, device: Device = "cpu", intra_op_threads: int = 1, inter_op_threads: int = 1
+        self,
+        onnx_path: Path | str,
+        device: Device = "cpu",
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        cpu_mem_arena: bool = False,
     ):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
-        # No CPU memory arena: inputs vary in length (utterances of 0.1-20 s), and the arena keeps
-        # its largest size for the life of the session, where release_memory cannot reach it.
-        # Measured on the default model over HTTP, after the same load and an idle trim: 159 MB
-        # RSS without the arena, 179 MB with it; without trims between back-to-back requests the
-        # speed is the same (bench/long_audio.py).
-        opts.enable_cpu_mem_arena = False
+        # The CPU memory arena, off by default: it keeps the largest run's activation buffers for the
+        # life of the session, where malloc_trim cannot reach them. Measured through two real
+        # servers on the medium shape (bench/ort_settings.py): RSS after idling 498 MB with it
+        # against 261 MB without; latency 10 s 106 vs 102 ms, 20 s 240 vs 273 ms (with vs
+        # without). Without it glibc maps the large buffers afresh each run (page faults), which is
+        # what the 20 s clip pays; ASR_CPU_MEM_ARENA=true buys that back for the memory.
+        # Weights never come from the arena (use_device_allocator_for_initializers): a big
+        # model's would be rounded up into its power-of-two bins.
+        opts.enable_cpu_mem_arena = cpu_mem_arena
+        opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
         requested = choose_providers(device)
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=requested)
         inputs = {i.name: i for i in self.session.get_inputs()}

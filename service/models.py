@@ -83,7 +83,12 @@ class Recognizer:
     """Features -> ONNX Runtime -> greedy CTC for one model package. Thread-safe."""
 
     def __init__(
-        self, package: ModelPackage, device: Device = "cpu", intra_op_threads: int = 1, inter_op_threads: int = 1
+        self,
+        package: ModelPackage,
+        device: Device = "cpu",
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        cpu_mem_arena: bool = False,
     ):
         self.package = package
         m = package.manifest
@@ -105,7 +110,7 @@ class Recognizer:
         self.decoders = DecoderFactory(
             package.name, package.onnx_path.parent, m.decoding, pieces[:-1], self.detokenize.processor
         )
-        self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads)
+        self.engine = Engine(package.onnx_path, device, intra_op_threads, inter_op_threads, cpu_mem_arena)
         self.sample_rate = m.features.sample_rate
         self.max_audio_s = m.encoder.max_audio_s or float("inf")
         self.suited_max_s = m.encoder.suited_max_s or float("inf")

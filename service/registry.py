@@ -280,7 +280,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             pkg = ModelPackage.open(s.model_dir, s.tokens_dir, entry.name)
-            rec = Recognizer(pkg, s.device, s.resolved_intra_op_threads(), s.inter_op_threads)
+            rec = Recognizer(pkg, s.device, s.resolved_intra_op_threads(), s.inter_op_threads, s.cpu_mem_arena)
             t1 = time.perf_counter()
             # Warm-up: the first run allocates buffers and picks kernels; do it before saying ready.
             rec.transcribe([np.zeros(rec.sample_rate, dtype=np.float32)])

@@ -43,3 +43,23 @@ def test_default_threads_follow_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> 
     assert Settings().resolved_intra_op_threads() == available_cpus() >= 1
     monkeypatch.setenv("ASR_INTRA_OP_THREADS", "3")
     assert Settings().resolved_intra_op_threads() == 3
+
+
+def test_memory_arena_setting_reaches_the_engine_and_keeps_results(
+    conformer: NemoModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ASR_CPU_MEM_ARENA reaches the engine (off by default: idle RSS, README) and computes the same log-probs."""
+    import numpy as np
+
+    onnx_path = conformer.model_dir / conformer.name / "model.onnx"
+    monkeypatch.setenv("ASR_CPU_MEM_ARENA", "true")
+    assert Settings().cpu_mem_arena is True
+    monkeypatch.delenv("ASR_CPU_MEM_ARENA")
+    assert Settings().cpu_mem_arena is False
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((1, 80, 400)).astype(np.float32)
+    lengths = np.array([400])
+    on, off = Engine(onnx_path, cpu_mem_arena=True), Engine(onnx_path)
+    assert on.session.get_session_options().enable_cpu_mem_arena
+    assert not off.session.get_session_options().enable_cpu_mem_arena
+    np.testing.assert_array_equal(on.run(feats, lengths), off.run(feats, lengths))
