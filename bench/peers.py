@@ -34,6 +34,7 @@ import onnxruntime as ort
 from bench.common import INT8_NAME, NAME, RESULTS, cpu_info, medium_model, server_env, speech, wav_bytes
 from bench.macs import gemm_peak, model_macs
 from service.config import available_cpus
+from service.engine import keep_freed_heap_between_runs, limit_malloc_arenas
 from service.models import ModelPackage, Recognizer
 from service.package import write_peer_files
 from testkit.server import running_server
@@ -95,6 +96,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=0, help="per clip length; 0 = 15 / 7 / 3 for 1 / 10 / 60 s")
     p.add_argument("--precisions", nargs="+", choices=["float32", "int8"], default=["float32", "int8"])
     args = p.parse_args()
+    # glibc as ``python -m service`` sets it (process-wide, so for every runtime here alike).
+    limit_malloc_arenas()
+    keep_freed_heap_between_runs()
     names = {"float32": NAME, "int8": INT8_NAME}
     models, tokens = medium_model()
     for precision in args.precisions:

@@ -66,6 +66,30 @@ def limit_malloc_arenas(n: int = 2) -> None:
         _libc.mallopt(M_ARENA_MAX, n)
 
 
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
+
+
+def keep_freed_heap_between_runs() -> None:
+    """Let glibc reuse freed activation buffers across runs; ``release_memory`` gives them back when idle.
+
+    Without ONNX Runtime's arena (ASR_CPU_MEM_ARENA) each run mallocs its buffers. By default glibc
+    maps the big ones from the kernel and returns them (mmap threshold 128 KB, raised only as
+    chunks come back), and trims the heap top past 128 KB free: every run page-faults its
+    buffers in again. Fixed thresholds (mmap past 32 MB only, no automatic trim) keep them in the
+    heap while requests keep coming; the scheduler's idle ``malloc_trim`` still returns them.
+    Operator settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win. Measured in README,
+    "ONNX Runtime settings".
+    """
+    if _libc is None or not hasattr(_libc, "mallopt"):
+        return
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        _libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+
+
 def _find_libc() -> Any:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -99,10 +123,10 @@ class Engine:
         opts.inter_op_num_threads = inter_op_threads
         # The CPU memory arena, off by default: it keeps the largest run's activation buffers for the
         # life of the session, where malloc_trim cannot reach them. Measured through two real
-        # servers on the medium shape (bench/ort_settings.py): RSS after idling 498 MB with it
-        # against 261 MB without; latency 10 s 106 vs 102 ms, 20 s 240 vs 273 ms (with vs
-        # without). Without it glibc maps the large buffers afresh each run (page faults), which is
-        # what the 20 s clip pays; ASR_CPU_MEM_ARENA=true buys that back for the memory.
+        # servers on the medium shape (bench/ort_settings.py), with the service's glibc settings
+        # (keep_freed_heap_between_runs): RSS after idling 523 MB with it against 261 MB without;
+        # latency the same (10 s 117 ms either way, 20 s 275 vs 282 ms). Without those glibc
+        # settings the arena-less runs page-faulted their buffers in every time (20 s: 1.14x).
         # Weights never come from the arena (use_device_allocator_for_initializers): a big
         # model's would be rounded up into its power-of-two bins.
         opts.enable_cpu_mem_arena = cpu_mem_arena
