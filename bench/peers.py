@@ -7,6 +7,8 @@ tree, timed round-robin with a 0.1 s pause between runs, so machine noise hits t
 runtime's spinning threads slow the next one):
   floor      bare ``InferenceSession.run`` on precomputed features (no features, no decoding)
   ours       this project's runtime in process (``Recognizer.transcribe``: features + ORT + CTC)
+  ours-arena the same with ONNX Runtime's CPU memory arena (``ASR_CPU_MEM_ARENA=true``), as the
+             floor has it: the runtime's own cost apart from the service's memory policy
   ours-http  the real server (``python -m service``, default settings, both packages loaded)
              through HTTP, client-timed
   sherpa     sherpa-onnx ``OfflineRecognizer.from_nemo_ctc`` on the same file
@@ -81,9 +83,13 @@ def runtimes_for(pkg: ModelPackage, tokens: Path, threads: int, clips: Clips, ht
         sherpa.decode_stream(s)
         return str(s.result.text).strip()
 
+    # The runtime with ONNX Runtime's arena (ASR_CPU_MEM_ARENA=true), as the floor runs: its own
+    # cost (features, decoding) apart from the service's memory policy.
+    ours_arena = Recognizer(pkg, "cpu", threads, 1, cpu_mem_arena=True)
     return {
         "floor": run_floor,
         "ours": lambda x: ours.transcribe([x])[0].text,
+        "ours-arena": lambda x: ours_arena.transcribe([x])[0].text,
         "ours-http": http,
         "sherpa": run_sherpa,
         "onnx-asr": lambda x: str(oasr.recognize(x, sample_rate=16000)).strip(),

@@ -34,25 +34,32 @@ class ServiceState:
     draining: bool = False  # set on SIGTERM (service.__main__): readiness goes 503
 
 
-def get_state(request: Request) -> ServiceState:
+def _state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
 
 
-def get_settings(request: Request) -> Settings:
-    return get_state(request).settings
+# The dependencies are ``async def`` though none of them awaits: FastAPI runs a plain ``def``
+# dependency in its thread pool, and a request here resolved about 24 of them, each a hop to a
+# worker thread and back (bench/http_path.py: the 1 s clip's fixed cost over HTTP).
+async def get_state(request: Request) -> ServiceState:
+    return _state(request)
 
 
-def get_metrics(request: Request) -> Metrics:
-    return get_state(request).metrics
+async def get_settings(request: Request) -> Settings:
+    return _state(request).settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    return get_state(request).registry
+async def get_metrics(request: Request) -> Metrics:
+    return _state(request).metrics
 
 
-def get_pipeline(request: Request) -> Pipeline:
-    return get_state(request).pipeline
+async def get_registry(request: Request) -> ModelRegistry:
+    return _state(request).registry
+
+
+async def get_pipeline(request: Request) -> Pipeline:
+    return _state(request).pipeline
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
@@ -62,7 +69,7 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 
 
-def get_timeout_s(request: Request, settings: SettingsDep) -> float:
+async def get_timeout_s(request: Request, settings: SettingsDep) -> float:
     """The request's queue deadline: X-Request-Timeout, else ``ASR_REQUEST_TIMEOUT_S``."""
     return request_timeout_s(request, settings.request_timeout_s)
 
@@ -85,7 +92,7 @@ class RawPcm:
         return self.declared or RawFormat.from_content_type(upload.content_type)
 
 
-def raw_pcm(
+async def raw_pcm(
     sample_rate: Annotated[int | None, Form(description=RAW_RATE_DOC)] = None,
     encoding: Annotated[str | None, Form(description=RAW_ENC_DOC)] = None,
     channels: Annotated[int | None, Form(description=RAW_CH_DOC)] = None,
@@ -96,7 +103,7 @@ def raw_pcm(
 RawPcmDep = Annotated[RawPcm, Depends(raw_pcm)]
 
 
-def decode_form(
+async def decode_form(
     settings: SettingsDep,
     decoding: Annotated[
         str | None,
