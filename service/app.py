@@ -34,6 +34,7 @@ from service.live.wyoming import WyomingServer
 from service.metrics import Metrics
 from service.middleware import MULTIPART_OVERHEAD, TRANSCRIBE_PATHS, Admission, ApiKeys, BodyLimit, RequestLog
 from service.pipeline import Pipeline
+from service.quotas import QuotaLimit, Quotas
 from service.registry import ModelRegistry
 from service.routes import native, openai, ops
 from service.routes.deps import ServiceState
@@ -69,7 +70,10 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def add_middleware(app: FastAPI, state: ServiceState) -> None:
-    """Innermost first: body limit -> admission -> API keys -> request log -> CORS (outermost)."""
+    """Innermost first: body limit -> admission -> quotas -> API keys -> request log -> CORS (outermost).
+
+    Quotas sit inside the key check (an invalid key gets 401, not 429) and outside admission (a
+    client over its quota never takes an upload or queue slot)."""
     settings, registry, metrics = state.settings, state.registry, state.metrics
     app.add_middleware(
         BodyLimit,
@@ -85,7 +89,15 @@ def add_middleware(app: FastAPI, state: ServiceState) -> None:
         min_rate_bps=settings.upload_min_rate_kbps * 1000,
         grace_s=settings.upload_grace_s,
     )
-    app.add_middleware(ApiKeys, keys=settings.all_api_keys(), protect_probes=settings.auth_all_endpoints)
+    keys = settings.all_api_keys()
+    app.add_middleware(
+        QuotaLimit,
+        quotas=Quotas(settings.quota_requests_per_min, settings.quota_audio_s_per_min, settings.quota_concurrent),
+        paths=TRANSCRIBE_PATHS,
+        keyed=bool(keys),
+        on_refuse=lambda code, status: metrics.failure(registry.default, status, code),
+    )
+    app.add_middleware(ApiKeys, keys=keys, protect_probes=settings.auth_all_endpoints)
     app.add_middleware(RequestLog)
     if settings.cors_origins:
         app.add_middleware(

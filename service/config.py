@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     wyoming_port: int = Field(
         0, ge=0, le=65535, description="TCP port for the Wyoming server (0 = off; 10300 is usual)"
     )
+    quota_requests_per_min: float = Field(
+        0.0, ge=0, description="Per client (API key, else address): transcription requests per minute; 0 = no limit"
+    )
+    quota_audio_s_per_min: float = Field(
+        0.0, ge=0, description="Per client: seconds of audio transcribed per minute; 0 = no limit"
+    )
+    quota_concurrent: int = Field(0, ge=0, description="Per client: transcription requests in progress; 0 = no limit")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated keys; when set, requests need Authorization: Bearer KEY"
     )

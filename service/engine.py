@@ -69,6 +69,11 @@ def limit_malloc_arenas(n: int = 2) -> None:
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
+# No automatic trim: the scheduler's idle malloc_trim returns freed memory instead. Measured
+# (bench/ort_settings.py, medium shape): with a 128 MB threshold the arena-less server was 10-13 %
+# slower again; under sustained load the heap holds at most its working set's high-water mark,
+# as ONNX Runtime's arena would, for good.
+TRIM_THRESHOLD = 2**31 - 1
 
 
 def keep_freed_heap_between_runs() -> None:
@@ -78,7 +83,7 @@ def keep_freed_heap_between_runs() -> None:
     maps the big ones from the kernel and returns them (mmap threshold 128 KB, raised only as
     chunks come back), and trims the heap top past 128 KB free: every run page-faults its
     buffers in again. Fixed thresholds (mmap past 32 MB only, no automatic trim) keep them in the
-    heap while requests keep coming; the scheduler's idle ``malloc_trim`` still returns them.
+    heap while requests keep coming; the scheduler's idle ``malloc_trim`` returns them.
     Operator settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win. Measured in README,
     "ONNX Runtime settings".
     """
@@ -87,7 +92,7 @@ def keep_freed_heap_between_runs() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        _libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+        _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def _find_libc() -> Any:

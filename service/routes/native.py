@@ -114,6 +114,7 @@ async def transcribe_batch(
         )
     entry = pick_model(request, registry, model, language)
     results = []
+    audio_s = 0.0
     for f in files:  # one after another: the scheduler interleaves them with other clients' work
         try:
             o = await transcribe_upload(request, pipeline, entry, f, raw.for_upload(f), timeout_s, decode)
@@ -121,9 +122,11 @@ async def transcribe_batch(
             metrics.failure(entry.name, e.status, e.code)
             results.append(BatchItem(filename=f.filename, status=e.status, error=ErrorDetail(**error_body(e)["error"])))
             continue
+        audio_s += o.duration_s
         results.append(
             BatchItem(filename=f.filename, status=200, result=native_body(o, response_format == "verbose_json"))
         )
     ok = sum(r.status == 200 for r in results)
-    request.state.log_fields = {"model": entry.name, "files": len(files), "ok": ok}
+    # audio_s: what the batch is charged against ASR_QUOTA_AUDIO_S_PER_MIN (service/quotas.py).
+    request.state.log_fields = {"model": entry.name, "files": len(files), "ok": ok, "audio_s": round(audio_s, 3)}
     return BatchResponse(results=results)

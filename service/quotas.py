@@ -1,0 +1,179 @@
+"""Fair use of a shared server: per-client limits on requests, audio seconds and concurrency.
+
+A client is its API key when keys are configured (the hash of the Bearer token; ``ApiKeys`` has
+checked it), else its address (``scope["client"]``: behind a load balancer, run uvicorn with
+``--forwarded-allow-ips`` / ``FORWARDED_ALLOW_IPS`` so it is the client's, not the balancer's).
+
+Three limits, each off at 0 (the default: one user owns a single-user server):
+- ``ASR_QUOTA_REQUESTS_PER_MIN``: a token bucket of that many requests, refilled evenly over the
+  minute, so a burst of the whole minute's worth is allowed and then one request per 60/N s.
+- ``ASR_QUOTA_AUDIO_S_PER_MIN``: the same bucket in seconds of audio. A request's length is
+  known only once its audio is decoded, so it is charged after it is served and a request is
+  admitted while the bucket is not in debt: a client can overrun its minute by one request
+  (at most ``ASR_MAX_DURATION_S``) and then waits until the debt is paid back.
+- ``ASR_QUOTA_CONCURRENT``: requests in flight at once.
+Past a limit: ``429`` with ``Retry-After`` (when the bucket next admits) and a code naming the
+limit, before any of the body is read, so the refused request costs the server nothing.
+
+The table of clients is bounded (``MAX_CLIENTS``): buckets that are full again and hold no
+request in flight are dropped first (forgetting them loses nothing), then the least recently
+seen, so many addresses cannot grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import ClientError
+from service.middleware import refuse
+
+MAX_CLIENTS = 10_000
+
+
+@dataclass
+class _Client:
+    requests: float  # tokens left in the request bucket
+    audio_s: float  # seconds left in the audio bucket (negative: in debt)
+    stamp: float  # when both were last refilled
+    in_flight: int = 0
+
+
+@dataclass
+class Quotas:
+    """The limits and the per-client buckets. Used from the event loop only (no locking)."""
+
+    requests_per_min: float = 0.0
+    audio_s_per_min: float = 0.0
+    concurrent: int = 0
+    clock: Callable[[], float] = time.monotonic
+    max_clients: int = MAX_CLIENTS
+    _clients: OrderedDict[str, _Client] = field(default_factory=OrderedDict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.requests_per_min or self.audio_s_per_min or self.concurrent)
+
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def _get(self, key: str) -> _Client:
+        now = self.clock()
+        c = self._clients.get(key)
+        if c is None:
+            self._evict()
+            c = self._clients[key] = _Client(self.requests_per_min, self.audio_s_per_min, now)
+        else:
+            elapsed = now - c.stamp
+            c.requests = min(self.requests_per_min, c.requests + elapsed * self.requests_per_min / 60)
+            c.audio_s = min(self.audio_s_per_min, c.audio_s + elapsed * self.audio_s_per_min / 60)
+            c.stamp = now
+            self._clients.move_to_end(key)
+        return c
+
+    def _full(self, c: _Client) -> bool:
+        elapsed = self.clock() - c.stamp
+        return (
+            c.in_flight == 0
+            and c.requests + elapsed * self.requests_per_min / 60 >= self.requests_per_min
+            and c.audio_s + elapsed * self.audio_s_per_min / 60 >= self.audio_s_per_min
+        )
+
+    def _evict(self) -> None:
+        if len(self._clients) < self.max_clients:
+            return
+        for key in [k for k, c in self._clients.items() if self._full(c)]:
+            del self._clients[key]
+        while len(self._clients) >= self.max_clients:
+            self._clients.popitem(last=False)  # the least recently seen
+
+    def admit(self, key: str) -> None:
+        """Take a request slot for ``key`` or raise a 429 ``ClientError`` saying which limit and when."""
+        c = self._get(key)
+        if self.concurrent and c.in_flight >= self.concurrent:
+            raise _limited(
+                "too_many_concurrent_requests",
+                f"this client has {c.in_flight} requests in progress; at most {self.concurrent} at once",
+                1,
+            )
+        if self.audio_s_per_min and c.audio_s < 0:
+            wait = -c.audio_s / (self.audio_s_per_min / 60)
+            raise _limited(
+                "audio_quota_exceeded",
+                f"this client's audio quota of {self.audio_s_per_min:g} s per minute is used up "
+                f"({-c.audio_s:.1f} s over)",
+                wait,
+            )
+        if self.requests_per_min:
+            if c.requests < 1:
+                wait = (1 - c.requests) / (self.requests_per_min / 60)
+                raise _limited(
+                    "rate_limited", f"more than {self.requests_per_min:g} requests per minute from this client", wait
+                )
+            c.requests -= 1
+        c.in_flight += 1
+
+    def release(self, key: str, audio_s: float) -> None:
+        """The request of ``key`` is done; charge the seconds of audio it carried."""
+        c = self._get(key)
+        c.in_flight = max(0, c.in_flight - 1)
+        if self.audio_s_per_min:
+            c.audio_s -= audio_s
+
+
+def _limited(code: str, message: str, wait_s: float) -> ClientError:
+    retry = max(1, math.ceil(wait_s))
+    return ClientError(429, code, f"{message}; retry in {retry} s", None, {"Retry-After": str(retry)})
+
+
+def client_key(scope: Scope, keyed: bool) -> str:
+    """Who is asking: ``key:<hash>`` of the Bearer token when keys are in use, else ``ip:<address>``."""
+    if keyed:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    client = scope.get("client")
+    return "ip:" + (client[0] if client else "unknown")
+
+
+class QuotaLimit:
+    """ASGI middleware applying ``Quotas`` to the transcription routes (inside ``ApiKeys``)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        quotas: Quotas,
+        paths: tuple[str, ...],
+        keyed: bool,
+        on_refuse: Callable[[str, int], None],
+    ):
+        self.app, self.quotas, self.paths, self.keyed, self.on_refuse = app, quotas, paths, keyed, on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            not self.quotas.enabled
+            or scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in self.paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        key = client_key(scope, self.keyed)
+        try:
+            self.quotas.admit(key)
+        except ClientError as e:
+            self.on_refuse(e.code, e.status)
+            await refuse(e, scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            fields = scope.get("state", {}).get("log_fields") or {}
+            self.quotas.release(key, float(fields.get("audio_s") or 0.0))
