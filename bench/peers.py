@@ -7,8 +7,7 @@ tree, timed round-robin with a 0.1 s pause between runs, so machine noise hits t
 runtime's spinning threads slow the next one):
   floor      bare ``InferenceSession.run`` on precomputed features (no features, no decoding)
   ours       this project's runtime in process (``Recognizer.transcribe``: features + ORT + CTC)
-  ours-arena the same with ONNX Runtime's CPU memory arena (``ASR_CPU_MEM_ARENA=true``), as the
-             floor has it: the runtime's own cost apart from the service's memory policy
+  ours-no-arena  the same without ONNX Runtime's CPU memory arena (``ASR_CPU_MEM_ARENA=false``)
   ours-http  the real server (``python -m service``, default settings, both packages loaded)
              through HTTP, client-timed
   sherpa     sherpa-onnx ``OfflineRecognizer.from_nemo_ctc`` on the same file
@@ -36,7 +35,6 @@ import onnxruntime as ort
 from bench.common import INT8_NAME, NAME, RESULTS, cpu_info, medium_model, server_env, speech, wav_bytes
 from bench.macs import gemm_peak, model_macs
 from service.config import available_cpus
-from service.engine import keep_freed_heap_between_runs, limit_malloc_arenas
 from service.models import ModelPackage, Recognizer
 from service.package import write_peer_files
 from testkit.server import running_server
@@ -83,13 +81,12 @@ def runtimes_for(pkg: ModelPackage, tokens: Path, threads: int, clips: Clips, ht
         sherpa.decode_stream(s)
         return str(s.result.text).strip()
 
-    # The runtime with ONNX Runtime's arena (ASR_CPU_MEM_ARENA=true), as the floor runs: its own
-    # cost (features, decoding) apart from the service's memory policy.
-    ours_arena = Recognizer(pkg, "cpu", threads, 1, cpu_mem_arena=True)
+    # The runtime without ONNX Runtime's arena (ASR_CPU_MEM_ARENA=false): what the arena buys.
+    ours_no_arena = Recognizer(pkg, "cpu", threads, 1, cpu_mem_arena=False)
     return {
         "floor": run_floor,
         "ours": lambda x: ours.transcribe([x])[0].text,
-        "ours-arena": lambda x: ours_arena.transcribe([x])[0].text,
+        "ours-no-arena": lambda x: ours_no_arena.transcribe([x])[0].text,
         "ours-http": http,
         "sherpa": run_sherpa,
         "onnx-asr": lambda x: str(oasr.recognize(x, sample_rate=16000)).strip(),
@@ -102,9 +99,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=0, help="per clip length; 0 = 15 / 7 / 3 for 1 / 10 / 60 s")
     p.add_argument("--precisions", nargs="+", choices=["float32", "int8"], default=["float32", "int8"])
     args = p.parse_args()
-    # glibc as ``python -m service`` sets it (process-wide, so for every runtime here alike).
-    limit_malloc_arenas()
-    keep_freed_heap_between_runs()
     names = {"float32": NAME, "int8": INT8_NAME}
     models, tokens = medium_model()
     for precision in args.precisions:

@@ -17,7 +17,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-from service.engine import keep_freed_heap_between_runs, limit_malloc_arenas
+from service.engine import limit_malloc_arenas
 from service.logs import configure as configure_logging
 
 
@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-format", choices=["json", "text"], help="json lines or plain text (ASR_LOG_FORMAT)")
     args = p.parse_args(argv)
     limit_malloc_arenas()  # before any thread starts
-    keep_freed_heap_between_runs()
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)

@@ -66,35 +66,6 @@ def limit_malloc_arenas(n: int = 2) -> None:
         _libc.mallopt(M_ARENA_MAX, n)
 
 
-M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
-# No automatic trim: the scheduler's idle malloc_trim returns freed memory instead. Measured
-# (bench/ort_settings.py, medium shape): with a 128 MB threshold the arena-less server was 10-13 %
-# slower again; under sustained load the heap holds at most its working set's high-water mark,
-# as ONNX Runtime's arena would, for good.
-TRIM_THRESHOLD = 2**31 - 1
-
-
-def keep_freed_heap_between_runs() -> None:
-    """Let glibc reuse freed activation buffers across runs; ``release_memory`` gives them back when idle.
-
-    Without ONNX Runtime's arena (ASR_CPU_MEM_ARENA) each run mallocs its buffers. By default glibc
-    maps the big ones from the kernel and returns them (mmap threshold 128 KB, raised only as
-    chunks come back), and trims the heap top past 128 KB free: every run page-faults its
-    buffers in again. Fixed thresholds (mmap past 32 MB only, no automatic trim) keep them in the
-    heap while requests keep coming; the scheduler's idle ``malloc_trim`` returns them.
-    Operator settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win. Measured in README,
-    "ONNX Runtime settings".
-    """
-    if _libc is None or not hasattr(_libc, "mallopt"):
-        return
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-
-
 def _find_libc() -> Any:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -119,19 +90,19 @@ class Engine:
         device: Device = "cpu",
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
-        cpu_mem_arena: bool = False,
+        cpu_mem_arena: bool = True,
     ):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
-        # The CPU memory arena, off by default: it keeps the largest run's activation buffers for the
-        # life of the session, where malloc_trim cannot reach them. Measured through two real
-        # servers on the medium shape (bench/ort_settings.py), with the service's glibc settings
-        # (keep_freed_heap_between_runs): RSS after idling 523 MB with it against 261 MB without;
-        # latency the same (10 s 117 ms either way, 20 s 275 vs 282 ms). Without those glibc
-        # settings the arena-less runs page-faulted their buffers in every time (20 s: 1.14x).
+        # The CPU memory arena, on: it keeps activation buffers between runs; without it each run
+        # mallocs them afresh and page-faults them in (glibc maps large ones from the kernel and
+        # back). It would keep the largest run's buffers for good, so the scheduler shrinks it when
+        # idle (``shrink``). Measured through two real servers on the medium shape
+        # (bench/ort_settings.py): without the arena 10 s ran 1.27x and 20 s 1.19x slower; RSS
+        # under load 532 MB with it against 352 MB, after idling 294 against 255 MB.
         # Weights never come from the arena (use_device_allocator_for_initializers): a big
         # model's would be rounded up into its power-of-two bins.
         opts.enable_cpu_mem_arena = cpu_mem_arena
@@ -142,12 +113,29 @@ class Engine:
         if set(inputs) != {"audio_signal", "length"}:
             raise ValueError(f"{onnx_path}: expected inputs audio_signal and length, found {sorted(inputs)}")
         self._length_dtype = np.int32 if inputs["length"].type == "tensor(int32)" else np.int64
+        mels = inputs["audio_signal"].shape[1]
+        self._n_mels = mels if isinstance(mels, int) else 80
+        self.cpu_mem_arena = cpu_mem_arena
         self.output_name = self.session.get_outputs()[0].name
         self.providers: list[str] = self.session.get_providers()
         if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in self.providers:
             log.warning("CUDAExecutionProvider could not start (CUDA/cuDNN libraries?); running on CPU")
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+
+    def shrink(self) -> None:
+        """Hand the memory arena's spare chunks back to the OS (no-op without the arena).
+
+        ONNX Runtime frees them only at the end of a run that asks for it, so this is a run on
+        16 frames of silence with ``memory.enable_memory_arena_shrinkage``; the scheduler calls
+        it when its queue has been empty a while (with ``release_memory``).
+        """
+        if not self.cpu_mem_arena:
+            return
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        feats = np.zeros((1, self._n_mels, 16), dtype=np.float32)
+        self.session.run([self.output_name], {"audio_signal": feats, "length": np.array([16], self._length_dtype)}, ro)
 
     def run(self, features: npt.NDArray[np.float32], lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         out = self.session.run(

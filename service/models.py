@@ -88,7 +88,7 @@ class Recognizer:
         device: Device = "cpu",
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
-        cpu_mem_arena: bool = False,
+        cpu_mem_arena: bool = True,
     ):
         self.package = package
         m = package.manifest

@@ -167,6 +167,11 @@ class Scheduler:
             self._queue.remove(job)
         return batch
 
+    def _release(self) -> None:
+        """Idle: the arena's spare chunks (when ASR_CPU_MEM_ARENA is on), then the heap's, to the OS."""
+        self.recognizer.engine.shrink()
+        release_memory()
+
     async def _worker(self) -> None:
         assert self._changed is not None
         loop = asyncio.get_running_loop()
@@ -176,7 +181,7 @@ class Scheduler:
                 try:
                     await asyncio.wait_for(self._changed.wait(), IDLE_TRIM_S)
                 except TimeoutError:
-                    await loop.run_in_executor(self.executor, release_memory)
+                    await loop.run_in_executor(self.executor, self._release)
             while not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
