@@ -101,8 +101,8 @@ class Engine:
         # mallocs them afresh and page-faults them in (glibc maps large ones from the kernel and
         # back). It would keep the largest run's buffers for good, so the scheduler shrinks it when
         # idle (``shrink``). Measured through two real servers on the medium shape
-        # (bench/ort_settings.py): without the arena 10 s ran 1.27x and 20 s 1.19x slower; RSS
-        # under load 532 MB with it against 352 MB, after idling 294 against 255 MB.
+        # (bench/ort_settings.py): without the arena 10 s ran 1.19x and 20 s 1.17x slower; RSS
+        # under load 531 MB with it against 307 MB, after idling 293 against 262 MB.
         # Weights never come from the arena (use_device_allocator_for_initializers): a big
         # model's would be rounded up into its power-of-two bins.
         opts.enable_cpu_mem_arena = cpu_mem_arena
@@ -113,8 +113,6 @@ class Engine:
         if set(inputs) != {"audio_signal", "length"}:
             raise ValueError(f"{onnx_path}: expected inputs audio_signal and length, found {sorted(inputs)}")
         self._length_dtype = np.int32 if inputs["length"].type == "tensor(int32)" else np.int64
-        mels = inputs["audio_signal"].shape[1]
-        self._n_mels = mels if isinstance(mels, int) else 80
         self.cpu_mem_arena = cpu_mem_arena
         self.output_name = self.session.get_outputs()[0].name
         self.providers: list[str] = self.session.get_providers()
@@ -123,18 +121,18 @@ class Engine:
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
 
-    def shrink(self) -> None:
+    def shrink(self, n_mels: int) -> None:
         """Hand the memory arena's spare chunks back to the OS (no-op without the arena).
 
         ONNX Runtime frees them only at the end of a run that asks for it, so this is a run on
-        16 frames of silence with ``memory.enable_memory_arena_shrinkage``; the scheduler calls
-        it when its queue has been empty a while (with ``release_memory``).
+        16 frames of silence (``n_mels`` features each) with ``memory.enable_memory_arena_shrinkage``;
+        the scheduler calls it when its queue has been empty a while (with ``release_memory``).
         """
         if not self.cpu_mem_arena:
             return
         ro = ort.RunOptions()
         ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        feats = np.zeros((1, self._n_mels, 16), dtype=np.float32)
+        feats = np.zeros((1, n_mels, 16), dtype=np.float32)
         self.session.run([self.output_name], {"audio_signal": feats, "length": np.array([16], self._length_dtype)}, ro)
 
     def run(self, features: npt.NDArray[np.float32], lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:

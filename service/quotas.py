@@ -15,9 +15,9 @@ Three limits, each off at 0 (the default: one user owns a single-user server):
 Past a limit: ``429`` with ``Retry-After`` (when the bucket next admits) and a code naming the
 limit, before any of the body is read, so the refused request costs the server nothing.
 
-The table of clients is bounded (``MAX_CLIENTS``): buckets that are full again and hold no
-request in flight are dropped first (forgetting them loses nothing), then the least recently
-seen, so many addresses cannot grow memory without bound.
+The table of clients is bounded (``MAX_CLIENTS``): the least recently seen client without a
+request in flight is forgotten first (after 10,000 others, its bucket has almost always refilled),
+so many addresses cannot grow memory without bound.
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ class Quotas:
     def clients(self) -> int:
         return len(self._clients)
 
+    def _refill(self, c: _Client, now: float) -> None:
+        elapsed = now - c.stamp
+        c.requests = min(self.requests_per_min, c.requests + elapsed * self.requests_per_min / 60)
+        c.audio_s = min(self.audio_s_per_min, c.audio_s + elapsed * self.audio_s_per_min / 60)
+        c.stamp = now
+
     def _get(self, key: str) -> _Client:
         now = self.clock()
         c = self._clients.get(key)
@@ -71,28 +77,17 @@ class Quotas:
             self._evict()
             c = self._clients[key] = _Client(self.requests_per_min, self.audio_s_per_min, now)
         else:
-            elapsed = now - c.stamp
-            c.requests = min(self.requests_per_min, c.requests + elapsed * self.requests_per_min / 60)
-            c.audio_s = min(self.audio_s_per_min, c.audio_s + elapsed * self.audio_s_per_min / 60)
-            c.stamp = now
+            self._refill(c, now)
             self._clients.move_to_end(key)
         return c
 
-    def _full(self, c: _Client) -> bool:
-        elapsed = self.clock() - c.stamp
-        return (
-            c.in_flight == 0
-            and c.requests + elapsed * self.requests_per_min / 60 >= self.requests_per_min
-            and c.audio_s + elapsed * self.audio_s_per_min / 60 >= self.audio_s_per_min
-        )
-
     def _evict(self) -> None:
-        if len(self._clients) < self.max_clients:
-            return
-        for key in [k for k, c in self._clients.items() if self._full(c)]:
-            del self._clients[key]
+        """Make room: forget the least recently seen clients with no request in flight."""
         while len(self._clients) >= self.max_clients:
-            self._clients.popitem(last=False)  # the least recently seen
+            key = next((k for k, c in self._clients.items() if c.in_flight == 0), None)
+            if key is None:  # every client has a request in flight (bounded by the queue): grow
+                return
+            del self._clients[key]
 
     def admit(self, key: str) -> None:
         """Take a request slot for ``key`` or raise a 429 ``ClientError`` saying which limit and when."""

@@ -169,7 +169,7 @@ class Scheduler:
 
     def _release(self) -> None:
         """Idle: the arena's spare chunks (when ASR_CPU_MEM_ARENA is on), then the heap's, to the OS."""
-        self.recognizer.engine.shrink()
+        self.recognizer.engine.shrink(self.recognizer.features.n_mels)
         release_memory()
 
     async def _worker(self) -> None:
