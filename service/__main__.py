@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import socket
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -17,19 +18,31 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.drain import drain
 from service.engine import limit_malloc_arenas
 from service.logs import configure as configure_logging
+from service.routes.deps import ServiceState
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, plus: readiness answers 503 "draining" from the moment SIGTERM arrives."""
+    """uvicorn's server, plus: readiness answers 503 "draining" from the moment SIGTERM arrives,
+    and the shutdown drains as ``service.drain`` describes before uvicorn's own."""
+
+    def _state(self) -> ServiceState | None:
+        return getattr(getattr(self.config.app, "state", None), "service", None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = getattr(getattr(self.config.app, "state", None), "service", None)
+        state = self._state()
         if state is not None and not state.draining:
             state.draining = True
             logging.getLogger("service").info("signal %d: draining, then exiting", sig)
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = self._state()
+        if state is not None and not self.force_exit:  # a second signal skips the drain
+            await drain(self, state, sockets)
+        await super().shutdown(sockets)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,10 +125,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         wyoming = WyomingServer(state.live, settings.host, settings.wyoming_port) if settings.wyoming_port else None
         if wyoming is not None:
             await wyoming.start()
+        state.wyoming = wyoming
         yield
         if wyoming is not None:
             await wyoming.stop()
-        # uvicorn has stopped accepting and let in-flight requests finish (ASR_SHUTDOWN_TIMEOUT_S).
+        # uvicorn has stopped accepting and let in-flight requests and live sessions finish
+        # (service.drain: ASR_DRAIN_DELAY_S, ASR_SHUTDOWN_TIMEOUT_S).
         loader.cancel()
         await state.live.stop()
         await registry.stop()

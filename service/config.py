@@ -121,7 +121,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         60.0, ge=0, description="Longest a request may wait for compute (0 = no limit); X-Request-Timeout overrides"
     )
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests and live sessions may finish"
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, how long to keep serving while not ready, before that (behind a load balancer "
+        "that health-checks: longer than its check interval; Kubernetes: 0, its preStop pause does this)",
+    )
     # Beam search and hotwords (service.decoders): what one request may ask for.
     beam_max_size: int = Field(32, ge=1, le=256, description="Largest beam_size a request may ask for")
     hotwords_max: int = Field(200, ge=0, description="Most hotwords per request (OpenAI prompt: its first N words)")

@@ -195,6 +195,17 @@ def build_nemo_model(arch: str, files: list[Path]) -> NemoModel:
 
 
 @pytest.fixture(scope="session")
+def sentences(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarray, str]]:
+    """Three spoken English sentences at 16 kHz, with their text (live sessions stream them)."""
+    d = tmp_path_factory.mktemp("rt")
+    out = []
+    for i, t in enumerate(SENTENCES[:3]):
+        x, _ = sf.read(synthesize(t, "en-us", 150, d / f"s{i}.wav"), dtype="float32")
+        out.append((x, t))
+    return out
+
+
+@pytest.fixture(scope="session")
 def hindi_speech_dir(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Hindi speech (espeak-ng's hi voice) plus the noise and edge-length clips of ``speech_dir``."""
     d = tmp_path_factory.mktemp("speech_hi")

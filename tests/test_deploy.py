@@ -74,7 +74,8 @@ def test_deployment_matches_the_service() -> None:
     assert uid and pod["securityContext"]["runAsUser"] == int(uid.group(1))
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # uploads spool to /tmp
-    drain = float(by_kind("ConfigMap")["data"]["ASR_SHUTDOWN_TIMEOUT_S"])
+    config = by_kind("ConfigMap")["data"]
+    drain = float(config["ASR_SHUTDOWN_TIMEOUT_S"]) + float(config.get("ASR_DRAIN_DELAY_S", 0))
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
 

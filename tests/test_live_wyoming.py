@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
 import subprocess
@@ -161,16 +162,23 @@ def test_bad_input_gets_an_error_event_and_the_server_stays_up(wyoming: tuple[st
     assert httpx.get(f"{url}/stats").json()["live"]["active"] == 0
 
 
-def test_shutdown_mid_transcription_says_so(speech: tuple[Path, np.ndarray]) -> None:
+def test_shutdown_mid_transcription_sends_the_transcript_then_says_so(speech: tuple[Path, np.ndarray]) -> None:
+    """A draining server (service.drain) whose timeout is near ends the utterance in progress as
+    an audio-stop would: the transcript of what it heard, then the shutdown error."""
     _, x = speech
+    part = x[: len(x) * 2 // 3]
     port = free_port()
     proc: list[subprocess.Popen[str]] = []
-    with running_server({"ASR_WYOMING_PORT": str(port)}, process=proc):
+    with running_server({"ASR_WYOMING_PORT": str(port), "ASR_SHUTDOWN_TIMEOUT_S": "3"}, process=proc) as url:
+        wav = io.BytesIO()
+        sf.write(wav, part, 16000, format="WAV", subtype="PCM_16")
+        r = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": wav.getvalue()}, data={"model": "default"})
+        expected = r.json()["text"].strip()
 
         async def main() -> list[Event]:
             got: list[Event] = []
             async with AsyncTcpClient("127.0.0.1", port) as c:
-                for ev in audio_events(x)[:5]:  # audio-start and some audio, no stop
+                for ev in audio_events(part)[:-1]:  # audio-start and the audio, no stop
                     await c.write_event(ev)
                 await asyncio.sleep(0.5)
                 proc[0].send_signal(signal.SIGTERM)
@@ -179,5 +187,7 @@ def test_shutdown_mid_transcription_says_so(speech: tuple[Path, np.ndarray]) -> 
             return got
 
         got = asyncio.run(main())
+        transcripts = [Transcript.from_event(e).text for e in got if Transcript.is_type(e.type)]
+        assert transcripts == [expected]
         assert got[-1].type == "error" and Error.from_event(got[-1]).code == "shutting_down"
         assert proc[0].wait(30) in (0, -signal.SIGTERM)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,7 @@ from service.pipeline import Pipeline
 from service.registry import ModelEntry, ModelRegistry
 
 VAD_TURNS = TurnDetection()
+T = TypeVar("T")
 
 
 class LiveHub:
@@ -31,7 +33,38 @@ class LiveHub:
         self._recognizers: dict[str, Recognizer] = {}
         metrics.streams_active.set_function(lambda: self.gate.active)
         self._stopping: set[asyncio.Task[None]] = set()
+        # Set by the drain (service.drain) when live sessions must end: each finishes its turn in
+        # progress, so its client gets that turn's final transcript, then closes (1012).
+        self.finishing = asyncio.Event()
         registry.on_unload.append(self.forget)
+
+    @property
+    def active(self) -> int:
+        """Live sessions open now, on every surface."""
+        return self.gate.active
+
+    def finish_all(self) -> None:
+        self.finishing.set()
+
+    async def unless_finishing(self, aw: Awaitable[T], timeout_s: float) -> T | None:
+        """``aw``'s result (a client's next message); None once ``finishing`` is set, and
+        ``TimeoutError`` after ``timeout_s``. ``aw`` is cancelled when it loses, so it must be
+        safe to cancel (a queue's get, a WebSocket receive)."""
+        if self.finishing.is_set():
+            return None
+        wanted = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self.finishing.wait())
+        try:
+            done, _ = await asyncio.wait((wanted, stop), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not wanted.done():
+                wanted.cancel()
+        if wanted in done:
+            return wanted.result()
+        if stop in done:
+            return None
+        raise TimeoutError
 
     def forget(self, name: str) -> None:
         """A model unloaded: drop its step loop, or its recognizer (and graphs) would stay in memory."""

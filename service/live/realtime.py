@@ -21,8 +21,9 @@ Extension: with ``?provisional=true`` the server also sends
 final part plus the right context's guess, replaced by the next one); the /live page uses them.
 
 Close codes: 1008 (idle too long, session too long, a client that does not read), 1009 (message
-too large), 1013 (too many sessions: try again later), 1011 (internal error); on shutdown the
-server closes with 1012 (uvicorn's "service restart").
+too large), 1013 (too many sessions: try again later), 1011 (internal error); 1012 ("service
+restart": reconnect) when a draining server ends a session, after the turn in progress has been
+finished and its final transcript sent (``service.drain``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from starlette.websockets import WebSocketState
 from service.errors import ClientError, ServiceError
 from service.live.audio_in import AudioFormatError, Encoding, LiveAudio
 from service.live.buffered import PRESETS
+from service.live.hub import LiveHub
 from service.live.session import LiveEvent, LiveSession, TurnDetection
 from service.routes.openai import served_model
 
@@ -371,7 +373,17 @@ async def _serve(
             audio = LiveAudio(cfg.encoding, cfg.rate, live.rate)
             max_samples = int(settings.stream_max_session_s * live.rate)
             restart = await _read_loop(
-                ws, registry, cfg, sid, live, audio, outbox, max_bytes, max_samples, settings.stream_idle_timeout_s
+                ws,
+                registry,
+                cfg,
+                sid,
+                live,
+                audio,
+                outbox,
+                max_bytes,
+                max_samples,
+                settings.stream_idle_timeout_s,
+                hub,
             )
         finally:
             await opened.__aexit__(None, None, None)
@@ -390,13 +402,17 @@ async def _read_loop(
     max_bytes: int,
     max_samples: int,
     idle_s: float,
+    hub: LiveHub,
 ) -> bool:
     """Client events until the connection ends (False) or the session must be rebuilt (True)."""
     while True:
         try:
-            msg = await asyncio.wait_for(ws.receive(), idle_s)
+            msg = await hub.unless_finishing(ws.receive(), idle_s)  # a cancelled receive loses nothing
         except TimeoutError:
             raise Refused("idle_timeout", f"no message for {idle_s:g} s (ASR_STREAM_IDLE_TIMEOUT_S)", 1008) from None
+        if msg is None:  # the server is draining and this session's time is up (service.drain)
+            await live.commit()  # the turn in progress ends: its final transcript goes out first
+            raise Refused("server_restarting", "the server is restarting: reconnect to go on", 1012)
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
         text = msg.get("text")

@@ -189,8 +189,12 @@ class Conversation:
 
     async def stream(self, live: LiveSession, audio: LiveAudio, channels: int, max_bytes: int) -> None:
         max_samples = int(self.settings.stream_max_session_s * live.rate)
+        idle_s = self.settings.stream_idle_timeout_s
         while True:
-            ev = await asyncio.wait_for(read_event(self.reader, max_bytes), self.settings.stream_idle_timeout_s)
+            ev = await self.hub.unless_finishing(read_event(self.reader, max_bytes), idle_s)
+            if ev is None and self.hub.finishing.is_set():  # a draining server's time is up (service.drain):
+                await live.commit()  # the transcript of what was heard goes out, as after an audio-stop
+                return
             if ev is None:
                 raise ConnectionResetError("the client went away mid-transcription")
             if AudioStop.is_type(ev.type):
@@ -253,9 +257,13 @@ class WyomingServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """No new connections (the drain); open ones go on until ``stop``."""
         if self._server is not None:
             self._server.close()
+
+    async def stop(self) -> None:
+        self.stop_listening()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -17,6 +17,7 @@ from service.config import Settings
 from service.decoders import DecodeRequest
 from service.http import request_timeout_s
 from service.live.hub import LiveHub
+from service.live.wyoming import WyomingServer
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
@@ -31,6 +32,7 @@ class ServiceState:
     registry: ModelRegistry
     pipeline: Pipeline
     live: LiveHub
+    wyoming: WyomingServer | None = None  # when ASR_WYOMING_PORT is set; started by the app's lifespan
     draining: bool = False  # set on SIGTERM (service.__main__): readiness goes 503
 
 
