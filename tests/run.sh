@@ -8,8 +8,9 @@
 #   .venv         the runtime (requirements.txt) plus test tools (requirements-dev.txt): no torch, no NeMo
 #   .venv-export  NeMo + torch (CPU) for export_to_onnx.py and the NeMo side of the parity tests
 # and installs espeak-ng and sox (test audio), chromium with its driver (the /live page test, in a
-# real headless browser) and irstlm (an independent n-gram estimator that tests/test_ngram_lm.py
-# checks training/ngram.py against) with apt-get when they are missing.
+# real headless browser), irstlm (an independent n-gram estimator that tests/test_ngram_lm.py
+# checks training/ngram.py against) and haproxy (tests/test_scale_out.py runs the Compose set-up's
+# load balancer config for real) with apt-get when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,11 +18,11 @@ TIER=full
 if [ "${1:-}" = "--fast" ]; then TIER=fast; shift; fi
 
 if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v chromium >/dev/null \
-  || ! command -v chromedriver >/dev/null || [ ! -x /usr/lib/irstlm/bin/tlm ]; then
+  || ! command -v chromedriver >/dev/null || [ ! -x /usr/lib/irstlm/bin/tlm ] || ! command -v haproxy >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends espeak-ng sox \
-    chromium chromium-driver irstlm
+    chromium chromium-driver irstlm haproxy
 fi
 
 # pip, with the noise of this machine's missing local index folders filtered out (errors still show).
