@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import csv
+import io
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +23,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import soundfile as sf
 import websockets
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -49,15 +53,39 @@ class Tally:
         return {k: v for k, v in self.__dict__.items() if k != "open_streams"}
 
 
+class HAProxyStats:
+    """The load balancer's view of the replicas, from its stats page (CSV)."""
+
+    def __init__(self, url: str, backend: str = "asr"):
+        self.url, self.backend = url.rstrip("/") + "/;csv", backend
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        rows = csv.DictReader(io.StringIO(httpx.get(self.url, timeout=5).text.lstrip("# ")))
+        return {
+            r["svname"]: r for r in rows if r["pxname"] == self.backend and r["svname"] not in ("FRONTEND", "BACKEND")
+        }
+
+    def up(self) -> list[str]:
+        return sorted(n for n, s in self.servers().items() if s["status"] == "UP")
+
+    def wait(self, ok: Callable[[list[str]], bool], timeout_s: float = 120.0) -> list[str]:
+        """Until ``ok(names of the servers up)``; those names."""
+        deadline = time.monotonic() + timeout_s
+        up: list[str] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                up = self.up()
+                if ok(up):
+                    return up
+            time.sleep(0.2)
+        raise TimeoutError(f"HAProxy: servers up {up}, waited {timeout_s} s")
+
+
 def pcm16(x: np.ndarray) -> bytes:
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 def wav_bytes(x: np.ndarray) -> bytes:
-    import io
-
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, x, 16000, format="WAV", subtype="PCM_16")
     return buf.getvalue()

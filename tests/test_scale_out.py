@@ -12,22 +12,18 @@ HTTP answer 200 with its transcript, every live session its final transcript.
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import yaml
 
 from testkit.nemo import IN_CI
-from testkit.rolling import run_under_load
+from testkit.rolling import HAProxyStats, run_under_load
 from testkit.server import free_port, start_service, stop_service, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,22 +59,7 @@ class HAProxy:
         self.log = cfg.with_suffix(".log")
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
-        self.stats = f"http://127.0.0.1:{stats_port}/;csv"
-
-    def servers(self) -> dict[str, dict[str, str]]:
-        rows = csv.DictReader(io.StringIO(httpx.get(self.stats, timeout=5).text.lstrip("# ")))
-        return {r["svname"]: r for r in rows if r["pxname"] == "asr" and r["svname"].startswith("asr")}
-
-    def wait_up(self, names: list[str], timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if all(s["status"] == "UP" for n, s in self.servers().items() if n in names):
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"HAProxy did not see {names} up: {self.servers()}")
+        self.stats = HAProxyStats(f"http://127.0.0.1:{stats_port}")
 
 
 @pytest.fixture()
@@ -106,21 +87,21 @@ def test_rolling_restart_behind_haproxy_loses_nothing(
     try:
         for p, proc in zip(ports, procs, strict=True):
             wait_until_ready(f"http://127.0.0.1:{p}", proc)
-        lb.wait_up(["asr1", "asr2"])
+        lb.stats.wait(lambda up: up == ["asr1", "asr2"], 60)
 
         def restart(i: int):  # type: ignore[no-untyped-def]
             async def go() -> None:
                 logs.append(await asyncio.to_thread(stop_service, procs[i], 60))
                 procs[i] = start_service(ports[i], env)
                 await asyncio.to_thread(wait_until_ready, f"http://127.0.0.1:{ports[i]}", procs[i])
-                await asyncio.to_thread(lb.wait_up, [f"asr{i + 1}"])
+                await asyncio.to_thread(lb.stats.wait, lambda up: f"asr{i + 1}" in up, 60)
                 await asyncio.sleep(2)
 
             return go
 
         clips = [x for x, _ in sentences]
         tally = asyncio.run(run_under_load(f"http://127.0.0.1:{front}", clips, [restart(0), restart(1)]))
-        served = {n: int(s["stot"]) for n, s in lb.servers().items()}
+        served = {n: int(s["stot"]) for n, s in lb.stats.servers().items()}
     finally:
         for proc in procs:
             logs.append(stop_service(proc))
