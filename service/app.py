@@ -92,7 +92,7 @@ def add_middleware(app: FastAPI, state: ServiceState) -> None:
     keys = settings.all_api_keys()
     app.add_middleware(
         QuotaLimit,
-        quotas=Quotas(settings.quota_requests_per_min, settings.quota_audio_s_per_min, settings.quota_concurrent),
+        quotas=state.live.quotas,  # one set of buckets for requests and live sessions
         paths=TRANSCRIBE_PATHS,
         keyed=bool(keys),
         on_refuse=lambda code, status: metrics.failure(registry.default, status, code),
@@ -117,7 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     infer_pool = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="asr-infer")
     registry = ModelRegistry(settings, metrics, infer_pool)
     pipeline = Pipeline(settings, registry, metrics)
-    state = ServiceState(settings, metrics, registry, pipeline, LiveHub(settings, registry, pipeline, metrics))
+    quotas = Quotas(settings.quota_requests_per_min, settings.quota_audio_s_per_min, settings.quota_concurrent)
+    live = LiveHub(settings, registry, pipeline, metrics, quotas)
+    state = ServiceState(settings, metrics, registry, pipeline, live)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -213,6 +213,20 @@ class Admission:
 WS_KEY_PREFIX = "openai-insecure-api-key."
 
 
+def presented_key(scope: Scope) -> str:
+    """The API key a request or WebSocket presents ("" when none): ``Authorization: Bearer <key>``,
+    or on a WebSocket OpenAI's browser subprotocol ``openai-insecure-api-key.<key>`` (browsers
+    cannot set headers)."""
+    headers = Headers(scope=scope)
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if not token and scope["type"] == "websocket":
+        for proto in headers.get("sec-websocket-protocol", "").split(","):
+            if proto.strip().startswith(WS_KEY_PREFIX):
+                return proto.strip()[len(WS_KEY_PREFIX) :]
+    return token
+
+
 class ApiKeys:
     """With keys configured, every request but the public pages (and probes) needs ``Bearer <key>``."""
 
@@ -234,15 +248,8 @@ class ApiKeys:
         return any([hmac.compare_digest(token.strip().encode(), k) for k in self.keys])
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """WebSockets: the Bearer header (SDKs), or OpenAI's browser subprotocol
-        ``openai-insecure-api-key.<key>`` (browsers cannot set headers). Refused: HTTP 403."""
-        headers = Headers(scope=scope)
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            token = ""
-        for proto in headers.get("sec-websocket-protocol", "").split(","):
-            if proto.strip().startswith(WS_KEY_PREFIX):
-                token = token or proto.strip()[len(WS_KEY_PREFIX) :]
+        """WebSockets: the key as ``presented_key`` finds it. Refused: close 1008."""
+        token = presented_key(scope)
         if token and self._valid(token):
             await self.app(scope, receive, send)
             return

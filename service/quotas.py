@@ -15,6 +15,11 @@ Three limits, each off at 0 (the default: one user owns a single-user server):
 Past a limit: ``429`` with ``Retry-After`` (when the bucket next admits) and a code naming the
 limit, before any of the body is read, so the refused request costs the server nothing.
 
+Live sessions (OpenAI Realtime, Wyoming) draw on the same buckets (``service.live.hub``): opening
+one is a request and holds a concurrency slot while it lasts, and its audio is charged as it
+arrives; a session whose client's audio bucket runs dry ends its turn in progress (its final
+transcript goes out) and is closed with an ``audio_quota_exceeded`` error.
+
 The table of clients is bounded (``MAX_CLIENTS``): the least recently seen client without a
 request in flight is forgotten first (after 10,000 others, its bucket has almost always refilled),
 so many addresses cannot grow memory without bound.
@@ -29,11 +34,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ClientError
-from service.middleware import refuse
+from service.middleware import presented_key, refuse
 
 MAX_CLIENTS = 10_000
 
@@ -122,6 +126,21 @@ class Quotas:
         if self.audio_s_per_min:
             c.audio_s -= audio_s
 
+    def charge(self, key: str, audio_s: float) -> None:
+        """Live audio as it arrives (a session is admitted, and released with 0 s, like a request):
+        a 429 ``ClientError`` once the client's audio bucket is empty, so a stream cannot outrun
+        the quota by more than the chunk that emptied it."""
+        if not self.audio_s_per_min:
+            return
+        c = self._get(key)
+        c.audio_s -= audio_s
+        if c.audio_s < 0:
+            raise _limited(
+                "audio_quota_exceeded",
+                f"this client's audio quota of {self.audio_s_per_min:g} s per minute is used up",
+                -c.audio_s / (self.audio_s_per_min / 60),
+            )
+
 
 def _limited(code: str, message: str, wait_s: float) -> ClientError:
     retry = max(1, math.ceil(wait_s))
@@ -129,13 +148,17 @@ def _limited(code: str, message: str, wait_s: float) -> ClientError:
 
 
 def client_key(scope: Scope, keyed: bool) -> str:
-    """Who is asking: ``key:<hash>`` of the Bearer token when keys are in use, else ``ip:<address>``."""
-    if keyed:
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    """Who is asking: ``key:<hash>`` of its API key when keys are in use, else ``ip:<address>``."""
+    token = presented_key(scope) if keyed else ""
+    if token:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
     client = scope.get("client")
-    return "ip:" + (client[0] if client else "unknown")
+    return address_key(client[0] if client else None)
+
+
+def address_key(host: str | None) -> str:
+    """The client key of an address (connections without API keys: Wyoming, or keys unset)."""
+    return "ip:" + (host or "unknown")
 
 
 class QuotaLimit:

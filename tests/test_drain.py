@@ -21,14 +21,9 @@ import httpx
 import numpy as np
 import websockets
 
+from testkit.rolling import SESSION_16K, pcm16
 from testkit.server import running_server
-from tests.test_live_realtime import offline, pcm16, ws_url
-
-SESSION_16K = {
-    "type": "session.update",
-    "session": {"type": "transcription",
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}},
-}  # fmt: skip
+from tests.test_live_realtime import offline, ws_url
 
 
 def append(x: np.ndarray) -> str:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai import AsyncOpenAI
 
+from testkit.rolling import pcm16
 from testkit.server import running_server
 
 
@@ -29,10 +30,6 @@ from testkit.server import running_server
 def server() -> Iterator[str]:
     with running_server({"ASR_STREAM_MAX": "4", "ASR_STREAM_IDLE_TIMEOUT_S": "3"}) as url:
         yield url
-
-
-def pcm16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 def ws_url(url: str, query: str = "intent=transcription") -> str:

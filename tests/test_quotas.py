@@ -7,17 +7,24 @@ middleware on the real server, with two API keys as two clients: the one past it
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import soundfile as sf
+import websockets
 
 from service.errors import ClientError
 from service.quotas import Quotas, client_key
+from testkit.rolling import SESSION_16K, pcm16, wav_bytes
 from testkit.server import running_server
 from tests.conftest import speech_files
 
@@ -192,3 +199,74 @@ def test_audio_quota_on_the_real_server(wav: tuple[bytes, float]) -> None:
     assert r3.status_code == 429 and r3.json()["error"]["code"] == "audio_quota_exceeded", r3.text
     assert int(r3.headers["Retry-After"]) >= 1
     assert batch.status_code == 429  # every transcription route shares the client's bucket
+
+
+# -- live sessions draw on the same buckets ------------------------------------------------
+def realtime_url(url: str) -> str:
+    return url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+
+
+async def until_closed(ws: Any) -> tuple[list[dict[str, Any]], int | None]:
+    events: list[dict[str, Any]] = []
+    try:
+        while True:
+            events.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+    except websockets.ConnectionClosed as e:
+        return events, e.rcvd.code if e.rcvd else None
+
+
+def test_a_live_session_holds_the_clients_concurrency_slot(wav: tuple[bytes, float]) -> None:
+    """ASR_QUOTA_CONCURRENT=1 counts live sessions: carol's open session leaves her no second
+    session and no request, while dave is served."""
+
+    async def main(url: str) -> tuple[list[dict[str, Any]], int | None, int, int]:
+        carol = {"Authorization": "Bearer carol"}
+        async with websockets.connect(realtime_url(url), additional_headers=carol) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            async with websockets.connect(realtime_url(url), additional_headers=carol) as second:
+                events, code = await until_closed(second)
+            hers = await asyncio.to_thread(post, url, "carol", wav[0])
+            his = await asyncio.to_thread(post, url, "dave", wav[0])
+        return events, code, hers.status_code, his.status_code
+
+    with running_server({"ASR_API_KEYS": "carol,dave", "ASR_QUOTA_CONCURRENT": "1"}) as url:
+        events, code, hers, his = asyncio.run(main(url))
+    assert code == 1013
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "too_many_concurrent_requests"
+    assert hers == 429 and his == 200
+
+
+def test_a_live_session_ends_when_its_audio_quota_runs_dry(sentences: list[tuple[np.ndarray, str]]) -> None:
+    """ASR_QUOTA_AUDIO_S_PER_MIN: streamed audio is charged as it arrives; when the bucket is empty
+    the turn in progress gets its final transcript, then the session closes (1013)."""
+    x = np.concatenate([s for s, _ in sentences])  # longer than the quota
+    quota = 3.0
+    with running_server({"ASR_QUOTA_AUDIO_S_PER_MIN": str(quota)}) as url:
+
+        async def main() -> tuple[list[dict[str, Any]], int | None, float]:
+            sent = 0.0
+            async with websockets.connect(realtime_url(url)) as ws:
+                await ws.send(json.dumps(SESSION_16K))
+                step = 1600
+                try:
+                    for i in range(0, len(x), step):
+                        chunk = x[i : i + step]
+                        audio = base64.b64encode(pcm16(chunk)).decode()
+                        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+                        sent += len(chunk) / 16000
+                        await asyncio.sleep(0.02)
+                except websockets.ConnectionClosed:
+                    pass
+                events, code = await until_closed(ws)
+            return events, code, sent
+
+        events, code, sent = asyncio.run(main())
+        after = httpx.post(f"{url}/transcribe", files={"file": ("a.wav", wav_bytes(x[:16000]))}, timeout=60)
+    assert code == 1013
+    finals = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(finals) == 1 and finals[0]["transcript"]  # what it had streamed, transcribed
+    # cut at the chunk that emptied the bucket (plus what refilled while it streamed, 3 s/min)
+    assert quota <= finals[0]["usage"]["seconds"] <= quota + 0.5
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "audio_quota_exceeded"
+    assert sent < len(x) / 16000  # it was stopped before the end
+    assert after.status_code == 429 and after.json()["error"]["code"] == "audio_quota_exceeded"

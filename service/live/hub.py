@@ -19,6 +19,7 @@ from service.live.session import Emit, EndpointRules, LiveSession, StreamGate, T
 from service.metrics import Metrics
 from service.models import Recognizer
 from service.pipeline import Pipeline
+from service.quotas import Quotas
 from service.registry import ModelEntry, ModelRegistry
 
 VAD_TURNS = TurnDetection()
@@ -26,8 +27,16 @@ T = TypeVar("T")
 
 
 class LiveHub:
-    def __init__(self, settings: Settings, registry: ModelRegistry, pipeline: Pipeline, metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        quotas: Quotas | None = None,
+    ):
         self.settings, self.registry, self.pipeline, self.metrics = settings, registry, pipeline, metrics
+        self.quotas = quotas or Quotas()  # the HTTP routes' per-client buckets (service.quotas): shared
         self.gate = StreamGate(settings.stream_max)
         self._batchers: dict[str, StepBatcher | CacheAwareBatcher] = {}
         self._recognizers: dict[str, Recognizer] = {}
@@ -75,16 +84,30 @@ class LiveHub:
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
 
-    def admit(self, surface: str) -> None:
-        """Take a session slot (``ServiceUnavailable`` when all are taken); ``release`` gives it back."""
+    def admit(self, surface: str, client: str) -> None:
+        """Take a session slot for ``client`` (a ``service.quotas`` key): ``ServiceUnavailable``
+        when all are taken, a 429 ``ClientError`` past the client's quota; ``release`` gives it back."""
         try:
-            self.gate.admit()
+            if self.quotas.enabled:
+                self.quotas.admit(client)
+            try:
+                self.gate.admit()
+            except Exception:
+                if self.quotas.enabled:
+                    self.quotas.release(client, 0.0)
+                raise
         except Exception:
             self.metrics.stream(surface, "refused")
             raise
 
-    def release(self) -> None:
+    def release(self, client: str) -> None:
         self.gate.release()
+        if self.quotas.enabled:
+            self.quotas.release(client, 0.0)  # its audio was charged as it came (``charge``)
+
+    def charge(self, client: str, seconds: float) -> None:
+        """Charge ``seconds`` of live audio to ``client``; a 429 ``ClientError`` once its audio quota is used up."""
+        self.quotas.charge(client, seconds)
 
     def batcher(self, entry: ModelEntry, rec: Recognizer) -> StepBatcher | CacheAwareBatcher:
         """The model's step loop: buffered steps, or a cache-aware model's (its streaming graphs load here)."""

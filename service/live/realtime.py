@@ -46,6 +46,7 @@ from service.live.audio_in import AudioFormatError, Encoding, LiveAudio
 from service.live.buffered import PRESETS
 from service.live.hub import LiveHub
 from service.live.session import LiveEvent, LiveSession, TurnDetection
+from service.quotas import client_key
 from service.routes.openai import served_model
 
 log = logging.getLogger(__name__)
@@ -270,9 +271,10 @@ async def realtime(ws: WebSocket) -> None:
                 f"intent={intent!r}: this server serves transcription sessions only (intent=transcription)",
                 1008,
             )
+        client = client_key(ws.scope, bool(settings.all_api_keys()))
         try:
-            hub.admit("realtime")
-        except ServiceError as e:
+            hub.admit("realtime", client)
+        except ServiceError as e:  # all sessions taken, or the client's quota: try again later
             raise Refused(e.code, e.message, 1013) from e
         try:
             preset = ws.query_params.get("preset") or None
@@ -284,10 +286,10 @@ async def realtime(ws: WebSocket) -> None:
                 lookahead_s = float(lookahead) if lookahead is not None else None
             except ValueError:
                 raise Refused("invalid_lookahead", f"lookahead={lookahead!r}: give seconds, e.g. 0.48", 1008) from None
-            await _serve(ws, hub, settings, outbox, preset, provisional, lookahead_s)
+            await _serve(ws, hub, settings, outbox, preset, provisional, lookahead_s, client)
             hub.metrics.stream("realtime", "ok")
         finally:
-            hub.release()
+            hub.release(client)
     except Refused as r:
         log.info("realtime session closed: %s (%s)", r.code, r.message)
         _put_last(outbox, error_event(r.code, r.message))
@@ -346,7 +348,8 @@ async def _serve(
     outbox: asyncio.Queue[dict[str, Any] | None],
     preset: str | None,
     provisional: bool,
-    lookahead_s: float | None = None,
+    lookahead_s: float | None,
+    client: str,
 ) -> None:
     registry = hub.registry
     cfg = Config("default")
@@ -384,6 +387,7 @@ async def _serve(
                 max_samples,
                 settings.stream_idle_timeout_s,
                 hub,
+                client,
             )
         finally:
             await opened.__aexit__(None, None, None)
@@ -403,6 +407,7 @@ async def _read_loop(
     max_samples: int,
     idle_s: float,
     hub: LiveHub,
+    client: str,
 ) -> bool:
     """Client events until the connection ends (False) or the session must be rebuilt (True)."""
     while True:
@@ -450,6 +455,11 @@ async def _read_loop(
                 except AudioFormatError as e:
                     raise ClientError(400, "invalid_audio", str(e), "audio") from None
                 await live.append(x)
+                try:
+                    hub.charge(client, x.shape[0] / live.rate)
+                except ClientError as e:  # the client's audio quota ran dry: its turn ends, then the session
+                    await live.commit()
+                    raise Refused(e.code, e.message, 1013) from e
                 if live.samples_in > max_samples:
                     raise Refused(
                         "session_expired", "the session reached its maximum length (ASR_STREAM_MAX_SESSION_S)", 1008

@@ -33,6 +33,7 @@ from service.errors import ServiceError
 from service.live.audio_in import AudioFormatError, LiveAudio
 from service.live.hub import LiveHub
 from service.live.session import LiveEvent, LiveSession
+from service.quotas import address_key
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class Conversation:
 
     def __init__(self, hub: LiveHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hub, self.reader, self.writer = hub, reader, writer
+        peer = writer.get_extra_info("peername")
+        self.client = address_key(peer[0] if peer else None)  # Wyoming has no API keys: quotas by address
         self.settings = hub.settings
         self.model: str | None = None
         self.language: str | None = None
@@ -159,7 +162,7 @@ class Conversation:
         channels = start.channels
         try:
             entry = self.hub.registry.resolve(self.model, self.language)
-            self.hub.admit("wyoming")
+            self.hub.admit("wyoming", self.client)
         except ServiceError as e:
             raise BadEvent(e.code, e.message) from None
         self.texts = []
@@ -185,7 +188,7 @@ class Conversation:
         except ServiceError as e:
             raise BadEvent(e.code, e.message) from None
         finally:
-            self.hub.release()
+            self.hub.release(self.client)
 
     async def stream(self, live: LiveSession, audio: LiveAudio, channels: int, max_bytes: int) -> None:
         max_samples = int(self.settings.stream_max_session_s * live.rate)
@@ -207,6 +210,10 @@ class Conversation:
             except AudioFormatError as e:
                 raise BadEvent("invalid_audio", str(e)) from None
             await live.append(x)
+            try:
+                self.hub.charge(self.client, x.shape[0] / live.rate)
+            except ServiceError as e:  # the client's audio quota ran dry
+                raise BadEvent(e.code, e.message) from None
             if live.samples_in > max_samples:
                 raise BadEvent(
                     "session_expired", "the audio reached the maximum session length (ASR_STREAM_MAX_SESSION_S)"
