@@ -377,7 +377,6 @@ async def _serve(
             max_samples = int(settings.stream_max_session_s * live.rate)
             restart = await _read_loop(
                 ws,
-                registry,
                 cfg,
                 sid,
                 live,
@@ -397,7 +396,6 @@ async def _serve(
 
 async def _read_loop(
     ws: WebSocket,
-    registry: Any,
     cfg: Config,
     sid: str,
     live: LiveSession,
@@ -484,7 +482,7 @@ async def _read_loop(
                 new = copy.copy(cfg)
                 new.update(s, beta=etype.startswith("transcription_session"))
                 if (new.model, new.language) != before[:2]:  # an unknown model is refused here, settings kept
-                    registry.resolve(served_model(registry, new.model), new.language)
+                    hub.registry.resolve(served_model(hub.registry, new.model), new.language)
                 cfg.__dict__.update(new.__dict__)
                 reply = "transcription_session.updated" if cfg.beta else "session.updated"
                 if before != (cfg.model, cfg.language, cfg.encoding, cfg.rate):
