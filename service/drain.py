@@ -5,9 +5,10 @@ before uvicorn's own shutdown:
 
 1. **Not ready, still serving** for ``ASR_DRAIN_DELAY_S``: ``/health/ready`` answers 503
    ("draining") while every request and new session is still served as usual, so a load
-   balancer's health checks take the replica out before it stops accepting. HAProxy with
-   ``inter 1s fall 1`` needs about 1 s; Kubernetes stops routing on its own (its ``preStop``
-   pause does this job there, so the delay stays 0).
+   balancer's health checks take the replica out before it stops accepting. HAProxy as
+   ``deploy/compose`` sets it up (``inter 1s fall 2``) needs about 2 s, so the Compose file gives
+   5; Kubernetes stops routing on its own (its ``preStop`` pause does this job there, so the
+   delay stays 0).
 2. **Stop accepting**: the HTTP (and Wyoming) listeners close; idle keep-alive connections are
    closed and busy ones end after their response. A late connection is refused, which a proxy
    retries on another replica (nothing was sent yet).
