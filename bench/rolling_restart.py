@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import soundfile as sf
@@ -38,6 +39,7 @@ COMPOSE_FILE = ROOT / "deploy" / "compose" / "compose.yaml"
 PROJECT = "asr-rolling"
 PORT, STATS_PORT = 18000, 18404
 IMAGE = "nemo-ctc-asr"
+Restart = Callable[[], Awaitable[None]]
 
 
 def sh(*cmd: str, env: dict[str, str] | None = None, check: bool = True) -> str:
@@ -72,6 +74,48 @@ def haproxy_image() -> str:
     return "haproxy:standin"
 
 
+def replica_env(args: argparse.Namespace) -> dict[str, str]:
+    """The Compose file's variables for this run (ports apart from a running set-up's)."""
+    env = {
+        **os.environ,
+        "ASR_IMAGE": IMAGE,
+        "HAPROXY_IMAGE": haproxy_image(),
+        "ASR_REPLICAS": str(args.replicas),
+        "ASR_INTRA_OP_THREADS": args.threads,
+        "ASR_PORT": str(PORT),
+        "ASR_STATS_PORT": str(STATS_PORT),
+    }
+    if args.control:
+        env |= {"ASR_DRAIN_DELAY_S": "0", "ASR_SHUTDOWN_TIMEOUT_S": "0"}
+    return env
+
+
+def restart(cid: str, stats: HAProxyStats, replicas: int, timeline: list[dict[str, Any]]) -> Restart:
+    """``docker restart`` one replica, then wait until HAProxy has all of them in rotation again."""
+
+    async def go() -> None:
+        name = sh("docker", "inspect", "-f", "{{.Name}}", cid).strip("/\n")
+        t = time.monotonic()
+        await asyncio.to_thread(sh, "docker", "restart", "-t", "45", cid)
+        stopped = time.monotonic() - t
+        await asyncio.to_thread(stats.wait, lambda up: len(up) == replicas, 300)
+        back = time.monotonic() - t
+        timeline.append({"replica": name, "restart_s": round(stopped, 1), "in_rotation_s": round(back, 1)})
+        print(f"  {name}: stopped and started in {stopped:.1f} s, in rotation after {back:.1f} s", flush=True)
+        await asyncio.sleep(3)
+
+    return go
+
+
+def image_sizes() -> dict[str, float]:
+    base, total = image_bytes("python:3.12-slim"), image_bytes(IMAGE)
+    return {
+        "image_mb": round(total / 1e6, 1),
+        "base_mb": round(base / 1e6, 1),
+        "project_layers_mb": round((total - base) / 1e6, 1),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=3)
@@ -89,24 +133,12 @@ def main() -> None:
         t0 = time.monotonic()
         sh("docker", "build", "--network=host", "-q", "-t", IMAGE, str(ROOT))
         print(f"  built in {time.monotonic() - t0:.0f} s", flush=True)
-    env = {
-        **os.environ,
-        "ASR_IMAGE": IMAGE,
-        "HAPROXY_IMAGE": haproxy_image(),
-        "ASR_REPLICAS": str(args.replicas),
-        "ASR_INTRA_OP_THREADS": args.threads,
-        "ASR_PORT": str(PORT),
-        "ASR_STATS_PORT": str(STATS_PORT),
-    }
-    if args.control:
-        env |= {"ASR_DRAIN_DELAY_S": "0", "ASR_SHUTDOWN_TIMEOUT_S": "0"}
+    env = replica_env(args)
     stats = HAProxyStats(f"http://127.0.0.1:{STATS_PORT}")
-    url = f"http://127.0.0.1:{PORT}"
     d = ROOT / ".cache" / "bench" / "rolling"
     d.mkdir(parents=True, exist_ok=True)
-    clips = [
-        sf.read(synthesize(t, "en-us", 150, d / f"s{i}.wav"), dtype="float32")[0] for i, t in enumerate(SENTENCES[:4])
-    ]
+    wavs = [synthesize(t, "en-us", 150, d / f"s{i}.wav") for i, t in enumerate(SENTENCES[:4])]
+    clips = [sf.read(w, dtype="float32")[0] for w in wavs]
 
     sh(*compose, "down", "--remove-orphans", env=env, check=False)
     try:
@@ -117,37 +149,15 @@ def main() -> None:
         ids = sh(*compose, "ps", "-q", "asr", env=env).split()
         assert len(ids) == args.replicas, ids
         timeline: list[dict[str, Any]] = []
-
-        def restart(cid: str):  # type: ignore[no-untyped-def]
-            async def go() -> None:
-                name = sh("docker", "inspect", "-f", "{{.Name}}", cid).strip("/\n")
-                t = time.monotonic()
-                await asyncio.to_thread(sh, "docker", "restart", "-t", "45", cid)
-                stopped = time.monotonic() - t
-                await asyncio.to_thread(stats.wait, lambda up: len(up) == args.replicas, 300)
-                back = time.monotonic() - t
-                timeline.append({"replica": name, "restart_s": round(stopped, 1), "back_in_rotation_s": round(back, 1)})
-                print(
-                    f"  {name}: stopped and started in {stopped:.1f} s, in rotation again after {back:.1f} s",
-                    flush=True,
-                )
-                await asyncio.sleep(3)
-
-            return go
-
-        print(
-            f"load: {args.http_clients} HTTP clients, {args.streams} live sessions; restarting each replica", flush=True
-        )
-        tally = asyncio.run(
-            run_under_load(url, clips, [restart(c) for c in ids], args.http_clients, args.streams, 10.0, 10.0)
-        )
+        print(f"load: {args.http_clients} HTTP clients, {args.streams} live sessions; restarts:", flush=True)
+        restarts = [restart(c, stats, args.replicas, timeline) for c in ids]
+        url = f"http://127.0.0.1:{PORT}"
+        tally = asyncio.run(run_under_load(url, clips, restarts, args.http_clients, args.streams, 10.0, 10.0))
         served = {n: int(s["stot"]) for n, s in stats.servers().items() if int(s["stot"])}
     finally:
         if not args.keep:
             sh(*compose, "down", "--remove-orphans", env=env, check=False)
 
-    base = image_bytes("python:3.12-slim")
-    total = image_bytes(IMAGE)
     result = {
         "control": args.control,
         "replicas": args.replicas,
@@ -155,20 +165,17 @@ def main() -> None:
         **tally.summary(),
         "restarts": timeline,
         "served_per_haproxy_slot": served,
-        "image_mb": round(total / 1e6, 1),
-        "base_mb": round(base / 1e6, 1),
-        "project_layers_mb": round((total - base) / 1e6, 1),
+        **image_sizes(),
     }
     print(json.dumps(result, indent=2, ensure_ascii=False))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("rolling_restart_control.json" if args.control else "rolling_restart.json")
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    lost = tally.http_failed + tally.streams_lost
+    streams = tally.streams_ok + tally.streams_ended_early + tally.streams_lost
     print(f"\nfailed requests: {tally.http_failed} of {tally.http_ok + tally.http_failed}; "
-          f"streams without their final transcript: {tally.streams_lost} of "
-          f"{tally.streams_ok + tally.streams_ended_early + tally.streams_lost} "
+          f"streams without their final transcript: {tally.streams_lost} of {streams} "
           f"({tally.streams_ended_early} ended early with it)")  # fmt: skip
-    raise SystemExit(1 if lost and not args.control else 0)
+    raise SystemExit(1 if tally.http_failed + tally.streams_lost and not args.control else 0)
 
 
 if __name__ == "__main__":

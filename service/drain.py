@@ -30,19 +30,14 @@ from collections.abc import Callable
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.routes.deps import ServiceState
 
 log = logging.getLogger("service")
 
 FINISH_S = 5.0  # at most this much of the shutdown timeout is kept for the last turns' final transcripts
-HTTP_PROTOCOLS: tuple[type, ...] = (H11Protocol,)
-try:  # the C parser is optional (ASR_HTTP)
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    HTTP_PROTOCOLS += (HttpToolsProtocol,)
-except ImportError:  # pragma: no cover - httptools is in requirements.txt
-    pass
+HTTP_PROTOCOLS = (H11Protocol, HttpToolsProtocol)  # ASR_HTTP picks one; WebSocket protocols are left alone
 
 
 async def drain(server: uvicorn.Server, state: ServiceState, sockets: list[socket.socket] | None) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +89,7 @@ def test_rolling_restart_behind_haproxy_loses_nothing(
             wait_until_ready(f"http://127.0.0.1:{p}", proc)
         lb.stats.wait(lambda up: up == ["asr1", "asr2"], 60)
 
-        def restart(i: int):  # type: ignore[no-untyped-def]
+        def restart(i: int) -> Callable[[], Awaitable[None]]:
             async def go() -> None:
                 logs.append(await asyncio.to_thread(stop_service, procs[i], 60))
                 procs[i] = start_service(ports[i], env)

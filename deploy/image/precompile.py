@@ -50,7 +50,7 @@ def main() -> None:
 
     # The image's own files only: the installed packages (this venv) and the service itself,
     # not the base image's standard library (its own layer, compiled or not by its makers).
-    roots = (sys.prefix + "/", service.__path__[0].rsplit("/", 1)[0] + "/service/")
+    roots = (sys.prefix + "/", service.__path__[0] + "/")
     n = 0
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)

@@ -103,11 +103,7 @@ class LiveHub:
     def release(self, client: str) -> None:
         self.gate.release()
         if self.quotas.enabled:
-            self.quotas.release(client, 0.0)  # its audio was charged as it came (``charge``)
-
-    def charge(self, client: str, seconds: float) -> None:
-        """Charge ``seconds`` of live audio to ``client``; a 429 ``ClientError`` once its audio quota is used up."""
-        self.quotas.charge(client, seconds)
+            self.quotas.release(client, 0.0)  # its audio was charged as it came (``Quotas.charge``)
 
     def batcher(self, entry: ModelEntry, rec: Recognizer) -> StepBatcher | CacheAwareBatcher:
         """The model's step loop: buffered steps, or a cache-aware model's (its streaming graphs load here)."""

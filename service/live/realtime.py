@@ -439,29 +439,7 @@ async def _read_loop(
         etype, eid = ev["type"], ev.get("event_id")
         try:
             if etype == "input_audio_buffer.append":
-                data = ev.get("audio")
-                if not isinstance(data, str):
-                    raise ClientError(
-                        400, "invalid_value", "input_audio_buffer.append needs 'audio': base64 audio bytes", "audio"
-                    )
-                try:
-                    raw = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError):
-                    raise ClientError(400, "invalid_value", "'audio' is not valid base64", "audio") from None
-                try:
-                    x = audio.decode(raw)
-                except AudioFormatError as e:
-                    raise ClientError(400, "invalid_audio", str(e), "audio") from None
-                await live.append(x)
-                try:
-                    hub.charge(client, x.shape[0] / live.rate)
-                except ClientError as e:  # the client's audio quota ran dry: its turn ends, then the session
-                    await live.commit()
-                    raise Refused(e.code, e.message, 1013) from e
-                if live.samples_in > max_samples:
-                    raise Refused(
-                        "session_expired", "the session reached its maximum length (ASR_STREAM_MAX_SESSION_S)", 1008
-                    )
+                await _append(ev, audio, live, hub, client, max_samples)
             elif etype == "input_audio_buffer.commit":
                 if live.pending_samples < MIN_COMMIT_MS * live.rate // 1000:
                     got = live.pending_samples * 1000 / live.rate
@@ -497,6 +475,31 @@ async def _read_loop(
                 )
         except ClientError as e:
             _put(outbox, error_event(e.code, e.message, e.param, eid))
+
+
+async def _append(
+    ev: dict[str, Any], audio: LiveAudio, live: LiveSession, hub: LiveHub, client: str, max_samples: int
+) -> None:
+    """``input_audio_buffer.append``: decode, feed the session, charge the client's audio quota."""
+    data = ev.get("audio")
+    if not isinstance(data, str):
+        raise ClientError(400, "invalid_value", "input_audio_buffer.append needs 'audio': base64 audio bytes", "audio")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(400, "invalid_value", "'audio' is not valid base64", "audio") from None
+    try:
+        x = audio.decode(raw)
+    except AudioFormatError as e:
+        raise ClientError(400, "invalid_audio", str(e), "audio") from None
+    await live.append(x)
+    try:
+        hub.quotas.charge(client, x.shape[0] / live.rate)
+    except ClientError as e:  # the client's audio quota ran dry: its turn ends, then the session
+        await live.commit()
+        raise Refused(e.code, e.message, 1013) from e
+    if live.samples_in > max_samples:
+        raise Refused("session_expired", "the session reached its maximum length (ASR_STREAM_MAX_SESSION_S)", 1008)
 
 
 def _server_events(ev: LiveEvent) -> list[dict[str, Any]]:

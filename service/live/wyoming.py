@@ -211,7 +211,7 @@ class Conversation:
                 raise BadEvent("invalid_audio", str(e)) from None
             await live.append(x)
             try:
-                self.hub.charge(self.client, x.shape[0] / live.rate)
+                self.hub.quotas.charge(self.client, x.shape[0] / live.rate)
             except ServiceError as e:  # the client's audio quota ran dry
                 raise BadEvent(e.code, e.message) from None
             if live.samples_in > max_samples:
